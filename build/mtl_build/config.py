@@ -1,0 +1,175 @@
+"""Typed view of config.yaml: parsed and validated once, then passed around as objects."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Triton tensor names and our output file template both embed the task name.
+TASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+# Names the model already uses for its own tensors.
+RESERVED_TENSOR_NAMES = {"TEXT", "TRUNCATED"}
+
+
+class ConfigError(ValueError):
+    """config.yaml is missing, unparsable or holds a wrong value."""
+
+
+class _Strict(BaseModel):
+    # An unknown key is almost always a typo; say so instead of ignoring it.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackboneConfig(_Strict):
+    path: Path | None = None
+    sha256: dict[str, str]
+    pooling: Literal["mean"] = "mean"
+    normalize: bool = True
+    max_tokens: int = Field(256, ge=8, le=512)
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digests(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in ("model.safetensors", "tokenizer.json", "config.json"):
+            if name not in value:
+                raise ValueError(f"needs a digest for {name!r}")
+        for name, digest in value.items():
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(f"{name!r}: {digest!r} is not a lowercase hex SHA-256 (64 characters)")
+        return value
+
+
+class TaskConfig(_Strict):
+    name: str
+    labels: list[str] = Field(min_length=2)
+    descriptions: dict[str, str] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_tensor_safe(cls, value: str) -> str:
+        if not TASK_NAME.match(value):
+            raise ValueError(f"{value!r} must match {TASK_NAME.pattern} (it names a Triton output tensor)")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"labels must be unique, got {value}")
+        if any(not label.strip() for label in value):
+            raise ValueError("labels must be non-empty strings")
+        return value
+
+    @model_validator(mode="after")
+    def _descriptions_name_labels(self) -> "TaskConfig":
+        unknown = set(self.descriptions) - set(self.labels)
+        if unknown:
+            raise ValueError(f"descriptions name unknown labels {sorted(unknown)}; valid: {self.labels}")
+        return self
+
+
+class DataConfig(_Strict):
+    train: Path = Path("data/train.csv")
+    validation: Path = Path("data/validation.csv")
+    text_column: str = "text"
+
+
+class TrainingConfig(_Strict):
+    mode: Literal["heads_only", "joint"] = "heads_only"
+    seed: int = 13
+    epochs: int = Field(30, ge=1)
+    joint_epochs: int = Field(4, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(0.01, gt=0)
+    encoder_learning_rate: float = Field(3e-5, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    task_weights: dict[str, float] = {}
+
+
+class ServingConfig(_Strict):
+    model_name: str = "multitask"
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    max_batch_size: int = Field(256, ge=1, le=4096)
+    max_queue_delay_microseconds: int = Field(2000, ge=0)
+    preferred_batch_sizes: list[int] = []
+    instance_count: int = Field(1, ge=1, le=64)
+    output_filename: str = "{task}_predictions.csv"
+
+    @field_validator("output_filename")
+    @classmethod
+    def _template_has_task(cls, value: str) -> str:
+        if "{task}" not in value or "/" in value:
+            raise ValueError(f"{value!r} must contain '{{task}}' and no '/'")
+        return value
+
+    @model_validator(mode="after")
+    def _preferred_within_max(self) -> "ServingConfig":
+        too_big = [size for size in self.preferred_batch_sizes if not 1 <= size <= self.max_batch_size]
+        if too_big:
+            raise ValueError(f"preferred_batch_sizes {too_big} must lie in 1..max_batch_size ({self.max_batch_size})")
+        return self
+
+
+class ProjectConfig(_Strict):
+    backbone: BackboneConfig
+    tasks: list[TaskConfig] = Field(min_length=1)
+    data: DataConfig = DataConfig()
+    training: TrainingConfig = TrainingConfig()
+    serving: ServingConfig = ServingConfig()
+    # Relative data paths are read from the folder that holds config.yaml.
+    root: Path = Path(".")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "ProjectConfig":
+        names = [task.name for task in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+        clash = RESERVED_TENSOR_NAMES & {name.upper() for name in names}
+        if clash:
+            raise ValueError(f"task names {sorted(clash)} clash with the model's own tensors {sorted(RESERVED_TENSOR_NAMES)}")
+        unknown = set(self.training.task_weights) - set(names)
+        if unknown:
+            raise ValueError(f"training.task_weights names unknown tasks {sorted(unknown)}; valid: {names}")
+        return self
+
+    def resolve(self, path: Path) -> Path:
+        return path if path.is_absolute() else self.root / path
+
+    def task_weight(self, name: str) -> float:
+        return self.training.task_weights.get(name, 1.0)
+
+
+def _describe(error: ValidationError) -> str:
+    """One line per problem: the dotted key, the value given, and what is allowed."""
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "<top level>"
+        message = item["msg"]
+        if item["type"] == "literal_error":
+            message = f"must be one of {item['ctx']['expected']}"
+        elif item["type"] == "extra_forbidden":
+            message = "is not a known key (typo?)"
+        given = item.get("input")
+        shown = "" if item["type"] in ("missing", "extra_forbidden") or isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"  {key}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path) -> ProjectConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    raw.setdefault("root", str(path.resolve().parent))
+    try:
+        return ProjectConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: invalid configuration\n{_describe(exc)}") from None
