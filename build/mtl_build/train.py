@@ -85,7 +85,8 @@ def _log(message: str) -> None:
 
 def init_zero_shot_head(model: EagerMultiTask, task: TaskConfig, tokenizer, max_tokens: int) -> None:
     """A head whose logits are scaled cosine similarities to each label's description."""
-    prompts = [task.descriptions.get(label, label) for label in task.labels]
+    # "label: description" matched labelled sentences better than either part alone in a small trial.
+    prompts = [f"{label}: {task.descriptions[label]}" if label in task.descriptions else label for label in task.labels]
     with torch.no_grad():
         label_embeddings = F.normalize(embed_texts(model, tokenizer, prompts, max_tokens), dim=-1)
         model.heads[task.name].weight.copy_(label_embeddings * ZERO_SHOT_SCALE)
