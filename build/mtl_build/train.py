@@ -60,6 +60,18 @@ class EagerMultiTask(nn.Module):
         embedding = self.embed(ids, mask)
         return {name: head(embedding) for name, head in self.heads.items()}
 
+    @classmethod
+    def from_exported(cls, version_dir: Path, backbone_dir: Path, tasks: list[TaskConfig], normalize: bool = True):
+        """The transformers reference holding an exported model's weights (for parity checks)."""
+        from safetensors.torch import load_file
+
+        model = cls(backbone_dir, tasks, normalize)
+        state = load_file(str(version_dir / core.WEIGHTS_FILE))
+        prefix = "encoder."
+        model.bert.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=False)
+        model.heads.load_state_dict({k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")})
+        return model.eval()
+
     def served_state_dict(self) -> dict[str, torch.Tensor]:
         """Parameters under the names multitask_core.MultiTaskModel loads."""
         state = {f"encoder.{key}": value for key, value in self.bert.state_dict().items()}
