@@ -47,10 +47,11 @@ def predictions(version_dir: Path, config_path: Path) -> dict:
     return served.probabilities([text for text, _, _ in ROWS])
 
 
-def test_two_builds_give_identical_predictions(tmp_path):
-    config = small_project(tmp_path)
-    first = build(config, tmp_path / "repo_a")
-    second = build(config, tmp_path / "repo_b")
+@pytest.mark.parametrize("mode", ["heads_only", "joint"])
+def test_two_builds_give_identical_predictions(tmp_path, mode):
+    config = small_project(tmp_path, lambda raw: raw["training"].update(joint_epochs=1, batch_size=4))
+    first = build(config, tmp_path / "repo_a", mode=mode)
+    second = build(config, tmp_path / "repo_b", mode=mode)
     a, b = predictions(first, config), predictions(second, config)
     for task in a:
         assert np.array_equal(a[task], b[task]), task

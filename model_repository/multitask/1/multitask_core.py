@@ -285,15 +285,16 @@ def row_slices(counts: list[int]) -> list[slice]:
 def predict_probabilities(
     model: MultiTaskModel, batch: Batch, device: torch.device, chunk_rows: int = 256
 ) -> dict[str, np.ndarray]:
-    """Forward the batch in chunks of rows; fp32 numpy probabilities per task."""
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in model.heads}
-    for start in range(0, len(batch.ids), chunk_rows):
-        stop = start + chunk_rows
-        mask = batch.mask[start:stop]
-        # Rows were padded to the longest in the whole batch; cut padding no row of this chunk needs.
-        width = int(mask.sum(axis=1).max())
-        ids_t = torch.from_numpy(batch.ids[start:stop, :width]).to(device, non_blocking=True)
-        mask_t = torch.from_numpy(mask[:, :width]).to(device, non_blocking=True)
+    """Forward the batch in chunks of similar-length rows; fp32 numpy probabilities per task, in row order."""
+    lengths = batch.mask.sum(axis=1)
+    # Longest first, so each chunk is padded only to its own longest row (as SentenceTransformer.encode does).
+    order = np.argsort(-lengths, kind="stable")
+    out = {name: np.empty((len(lengths), head.out_features), dtype=np.float32) for name, head in model.heads.items()}
+    for start in range(0, len(order), chunk_rows):
+        rows = order[start : start + chunk_rows]
+        width = int(lengths[rows[0]])
+        ids_t = torch.from_numpy(batch.ids[rows, :width]).to(device, non_blocking=True)
+        mask_t = torch.from_numpy(batch.mask[rows, :width]).to(device, non_blocking=True)
         for name, probs in model(ids_t, mask_t).items():
-            parts[name].append(probs.cpu().numpy())
-    return {name: np.concatenate(chunks).astype(np.float32, copy=False) for name, chunks in parts.items()}
+            out[name][rows] = probs.cpu().numpy()
+    return out
