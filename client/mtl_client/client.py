@@ -1,0 +1,209 @@
+"""MultiTaskClient: the synchronous client, several gRPC requests in flight from a thread pool."""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from .base import DEFAULT_MODEL, DEFAULT_URL, ClientSettings, Health, ModelInfo, checked_texts, list_batches
+from .batching import DEFAULT_MAX_REQUEST_BYTES, Batch, check_texts, plan_batches, stream_batches
+from .contract import ModelContract
+from .errors import (MTLClientError, RequestTimeoutError, ServerUnavailableError, backoff_delay, is_transient,
+                     translate)
+from .predictions import Prediction
+
+
+class MultiTaskClient:
+    """Synchronous client of the multi-task model; use it as a context manager.
+
+    Tasks, labels and limits are read from the server's model config on first use. `concurrency`
+    requests are kept in flight so that the server's dynamic batcher gets full batches; results come
+    back in input order. Calls that fail with UNAVAILABLE are retried `retries` times with
+    exponential backoff and jitter; `timeout_s` bounds each call. `headers` go with every call.
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, model: str = DEFAULT_MODEL, *, timeout_s: float = 60.0,
+                 retries: int = 3, ssl: bool = False, root_certificates: str | Path | None = None,
+                 private_key: str | Path | None = None, certificate_chain: str | Path | None = None,
+                 headers: Mapping[str, str] | None = None, concurrency: int = 4,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+        self.settings = ClientSettings(
+            url, model, timeout_s=timeout_s, retries=retries, ssl=ssl, root_certificates=root_certificates,
+            private_key=private_key, certificate_chain=certificate_chain, headers=headers,
+            concurrency=concurrency, max_request_bytes=max_request_bytes,
+        )
+        try:
+            self._grpc = grpcclient.InferenceServerClient(**self.settings.grpc_arguments())
+        except Exception as exc:  # noqa: BLE001 - bad TLS material or url; tritonclient raises plain errors
+            raise MTLClientError(f"cannot create a gRPC client for {self.settings.url}: {exc}") from exc
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._contract: ModelContract | None = None
+
+    @property
+    def url(self) -> str:
+        return self.settings.url
+
+    @property
+    def model(self) -> str:
+        return self.settings.model
+
+    # -- life cycle ----------------------------------------------------------------------------------
+    def __enter__(self) -> "MultiTaskClient":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Cancel what is in flight and release the channel and threads."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        # Closing the channel ends in-flight RPCs at once, so the workers finish quickly.
+        self._grpc.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- the one boundary with tritonclient ----------------------------------------------------------
+    def _call(self, method: str, *args, rows=None, retries: int | None = None, timeout_s: float | None = None,
+              **kwargs) -> Any:
+        s = self.settings
+        retries = s.retries if retries is None else retries
+        for attempt in itertools.count():
+            if self._closed.is_set():
+                raise MTLClientError("the client is closed")
+            try:
+                return getattr(self._grpc, method)(*args, headers=s.headers, client_timeout=timeout_s or s.timeout_s,
+                                                   **kwargs)
+            except InferenceServerException as exc:
+                error = translate(exc, url=s.url, model=s.model, rows=rows)
+                if not is_transient(error) or attempt >= retries or self._closed.is_set():
+                    if attempt and is_transient(error):
+                        error = type(error)(f"{error} (gave up after {attempt} retries)")
+                    raise error from exc
+            except ValueError as exc:  # grpc refuses calls on a channel closed under it
+                if self._closed.is_set():
+                    raise MTLClientError("the client was closed during the call") from exc
+                raise
+            if self._closed.wait(backoff_delay(attempt, s.backoff_s, s.max_backoff_s)):
+                raise MTLClientError("the client was closed while waiting to retry")
+
+    # -- server and model status ---------------------------------------------------------------------
+    def health(self, timeout_s: float | None = None, retries: int | None = None) -> Health:
+        """Server live / ready and model ready; raises ServerUnavailableError if it cannot be reached."""
+        call = {"timeout_s": timeout_s, "retries": retries}
+        live = self._call("is_server_live", **call)
+        ready = self._call("is_server_ready", **call)
+        model_ready = self._call("is_model_ready", self.model, **call)
+        return Health(self.url, self.model, bool(live), bool(ready), bool(model_ready))
+
+    def wait_until_ready(self, timeout_s: float = 60.0, interval_s: float = 0.5) -> Health:
+        """Poll until the server and the model are ready, or raise ServerUnavailableError after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        last = "not ready"
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                call_timeout = max(min(remaining, self.settings.timeout_s or remaining), 0.1)
+                health = self.health(timeout_s=call_timeout, retries=0)
+                if health.ok:
+                    return health
+                last = f"live={health.live} ready={health.ready} model ready={health.model_ready}"
+            except (ServerUnavailableError, RequestTimeoutError) as exc:
+                last = str(exc)
+            if remaining <= 0 or self._closed.wait(min(interval_s, max(remaining, 0))):
+                raise ServerUnavailableError(
+                    f"model '{self.model}' at {self.url} not ready after {timeout_s:g}s ({last})")
+
+    def get_contract(self, refresh: bool = False) -> ModelContract:
+        """Tasks, labels, tensor names and limits, read once from the server's model config."""
+        with self._lock:
+            if self._contract is None or refresh:
+                config = self._call("get_model_config", self.model, as_json=True)
+                self._contract = ModelContract.from_model_config(config, self.model)
+            return self._contract
+
+    def info(self) -> ModelInfo:
+        contract = self.get_contract()
+        server = self._call("get_server_metadata", as_json=True)
+        model = self._call("get_model_metadata", self.model, as_json=True)
+        return ModelInfo(contract, server.get("name", ""), server.get("version", ""),
+                         tuple(model.get("versions", ())), model.get("platform", ""))
+
+    # -- prediction ----------------------------------------------------------------------------------
+    def predict(self, texts: Iterable[str], batch_size: int = 64) -> list[Prediction]:
+        """One Prediction per text, in input order. Every text is checked before anything is sent."""
+        texts = list(texts)
+        encoded = check_texts(texts)
+        if not texts:
+            return []
+        contract = self.get_contract()
+        ranges = plan_batches(encoded, self.settings.max_rows(batch_size, contract), self.settings.max_request_bytes)
+        predictions: list[Prediction] = []
+        for _, batch_predictions in self._run(list_batches(texts, encoded, ranges)):
+            predictions.extend(batch_predictions)
+        return predictions
+
+    def predict_iter(self, texts: Iterable[str], batch_size: int = 64) -> Iterator[Prediction]:
+        """Stream predictions in input order while reading `texts` lazily; at most 2 x concurrency batches
+        are held at once. A bad text raises InvalidInputError naming its index when it is reached."""
+        for _, prediction in self.predict_items(checked_texts(texts), batch_size):
+            yield prediction
+
+    def predict_items(self, items: Iterable[tuple[Any, str | None]], batch_size: int = 64
+                      ) -> Iterator[tuple[Any, Prediction | None]]:
+        """Like predict_iter over (tag, text) pairs, yielding (tag, prediction) in input order.
+
+        An item whose text is None is not sent; it comes back as (tag, None) in its place.
+        """
+        contract = self.get_contract()
+        max_rows = self.settings.max_rows(batch_size, contract)
+        for batch, predictions in self._run(stream_batches(items, max_rows, self.settings.max_request_bytes)):
+            results = iter(predictions)
+            for tag, text in zip(batch.tags, batch.texts):
+                yield tag, (None if text is None else next(results))
+
+    def _infer(self, batch: Batch) -> list[Prediction]:
+        contract = self.get_contract()
+        inputs, outputs = contract.request(batch.encoded)
+        result = self._call("infer", self.model, inputs, outputs=outputs, rows=batch.sent)
+        return contract.decode(result.as_numpy, batch.sent_texts)
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._closed.is_set():
+                raise MTLClientError("the client is closed")
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="mtl-client")
+            return self._pool
+
+    def _run(self, batches: Iterable[Batch]) -> Iterator[tuple[Batch, list[Prediction]]]:
+        """Send batches `concurrency` at a time, reading ahead a bounded window; yield results in order."""
+        pool = self._executor()
+        window: deque[tuple[Batch, Future | None]] = deque()
+        try:
+            for batch in batches:
+                window.append((batch, pool.submit(self._infer, batch) if batch.sent else None))
+                if len(window) >= self.settings.window:
+                    yield _done(window.popleft())
+            while window:
+                yield _done(window.popleft())
+        finally:
+            for _, future in window:
+                if future is not None:
+                    future.cancel()
+
+
+def _done(entry: tuple[Batch, Future | None]) -> tuple[Batch, list[Prediction]]:
+    batch, future = entry
+    return batch, (future.result() if future is not None else [])
