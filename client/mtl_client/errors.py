@@ -64,7 +64,9 @@ def translate(error: InferenceServerException, *, url: str, model: str,
     """
     status = (error.status() or "").removeprefix("StatusCode.")
     message = error.message() or str(error)
-    if status == "UNAVAILABLE":
+    # CANCELLED, and a model with "no available versions", are what a server that is shutting down or
+    # restarting answers: as transient as a refused connection.
+    if status in ("UNAVAILABLE", "CANCELLED") or (status == "NOT_FOUND" and "no available versions" in message):
         return ServerUnavailableError(f"server at {url} is unavailable: {message}")
     if status == "DEADLINE_EXCEEDED":
         return RequestTimeoutError(f"request to {url} timed out ({message})")

@@ -1,6 +1,7 @@
 """`mtl-serve`: run Triton on a model repository in the foreground until Ctrl-C or SIGTERM."""
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import time
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .local import ADMIN_HEADER, LocalTriton, ServerError, log_problems, model_names
+from .local import ADMIN_HEADER, GRPC_ADMIN_HEADER, LocalTriton, ServerError, model_names
 
 
 class _Stop(Exception):
@@ -31,16 +32,34 @@ def _raise_stop(signum, _frame):
               help="python3 of the environment the model runs in (needs numpy<2, torch, tokenizers). "
                    "Default: this environment's.")
 @click.option("--startup-timeout", type=float, default=180.0, show_default=True, help="Seconds to wait for READY.")
-def main(model_repository, grpc_port, http_port, metrics_port, log_file, stub_python, startup_timeout) -> None:
+@click.option("--grpc-cert", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="PEM server certificate: serve gRPC over TLS (needs --grpc-key).")
+@click.option("--grpc-key", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="PEM private key of --grpc-cert.")
+@click.option("--grpc-root-cert", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="PEM CA that client certificates must chain to (mutual TLS).")
+@click.option("--max-restarts", type=click.IntRange(0), default=3, show_default=True,
+              help="Restarts of Triton after its python-backend stub dies, within 5 minutes, before giving up.")
+def main(model_repository, grpc_port, http_port, metrics_port, log_file, stub_python, startup_timeout,
+         grpc_cert, grpc_key, grpc_root_cert, max_restarts) -> None:
     """Serve MODEL_REPOSITORY with the Triton 2.51 binary bundled in nvidia-pytriton.
 
     Waits until every model is READY, prints the endpoints, then runs until Ctrl-C or SIGTERM, which stop
-    Triton and its python-backend stubs. Exit codes: 0 clean stop, 1 server failure, 2 bad setup
-    (missing repository, busy port, unusable stub environment).
+    Triton and its python-backend stubs. HTTP and metrics go through a vetting proxy; a dead python-backend
+    stub makes it restart Triton on the same ports (docs/reliability.md). Exit codes: 0 clean stop,
+    1 server failure, 2 bad setup (missing repository, busy port, unusable stub environment).
     """
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
-    server = LocalTriton(model_repository, grpc_port, http_port, metrics_port, log_file, stub_python, startup_timeout)
+    # The HTTP guard's refusals (warnings) go to stderr; watchdog events come through on_event.
+    logging.basicConfig(level=logging.WARNING, format="mtl-serve: %(message)s")
+    if bool(grpc_cert) != bool(grpc_key):
+        click.echo("mtl-serve: error: --grpc-cert and --grpc-key go together", err=True)
+        sys.exit(2)
+    server = LocalTriton(model_repository, grpc_port, http_port, metrics_port, log_file, stub_python, startup_timeout,
+                         grpc_server_cert=grpc_cert, grpc_server_key=grpc_key, grpc_root_cert=grpc_root_cert,
+                         grpc_ssl_mutual=grpc_root_cert is not None, max_restarts=max_restarts,
+                         on_event=lambda message: click.echo(f"mtl-serve: {message}", err=True))
     click.echo(f"starting Triton on {server.model_repository} (log: {server.log_file or 'cache folder'})", err=True)
     try:
         started = time.monotonic()
@@ -53,19 +72,21 @@ def main(model_repository, grpc_port, http_port, metrics_port, log_file, stub_py
         sys.exit(0)
     click.echo(
         f"ready in {time.monotonic() - started:.1f}s: models {', '.join(model_names(server.model_repository))}\n"
-        f"  gRPC     {server.grpc_url}\n  HTTP     {server.http_url}\n  metrics  {server.metrics_url}\n"
-        f"  model-control and shared-memory APIs need header {ADMIN_HEADER}={server.admin_key}\n"
+        f"  gRPC     {server.grpc_url}{' (TLS)' if server.tls else ''}\n  HTTP     {server.http_url}\n"
+        f"  metrics  {server.metrics_url}\n"
+        f"  model-repository, shared-memory, logging and trace APIs need the key {server.admin_key}\n"
+        f"    (HTTP header {ADMIN_HEADER}, gRPC metadata {GRPC_ADMIN_HEADER})\n"
         f"  log      {server.log_file}\n(Ctrl-C to stop)",
     )
     try:
-        while server.process.poll() is None:
+        # The watchdog restarts Triton when its stub dies; it sets `failure` when Triton exits or it gives up.
+        while server.failure is None:
             time.sleep(0.5)
     except _Stop as stop:
         click.echo(f"{stop}: stopping Triton", err=True)
         server.stop()
         click.echo("stopped", err=True)
         return
-    click.echo(f"mtl-serve: error: tritonserver exited with code {server.process.returncode}:\n"
-               + log_problems(server.log_text()), err=True)
+    click.echo(f"mtl-serve: error: {server.failure}", err=True)
     server.stop()
     sys.exit(1)

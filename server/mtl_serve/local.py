@@ -6,6 +6,7 @@ environment (numpy<2, torch, tokenizers) chosen through PATH because the stub ig
 """
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shutil
@@ -15,18 +16,29 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .guard import DEFAULT_MAX_BODY_BYTES, HttpGuard
 
 TRITON_VERSION = "2.51.0"
 STUB_NAME = "triton_python_backend_stub"
 # Modules the served model.py imports inside the stub.
 STUB_MODULES = ("numpy", "torch", "tokenizers", "safetensors")
-# Header that unlocks Triton's model-control and shared-memory APIs; without it they are refused.
+# Header that unlocks the restricted APIs (RESTRICTED_APIS) over HTTP; without it they are refused.
 ADMIN_HEADER = "mtl-admin-key"
+# Over gRPC, Triton 2.51 expects the same key under this prefixed metadata name.
+GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
+# Triton API categories that need ADMIN_HEADER: loading models, registering shared memory, and changing
+# server-wide log and trace settings are operator actions, not a client's.
+RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace")
+
+logger = logging.getLogger("mtl_serve.local")
 
 
 class ServerError(RuntimeError):
@@ -140,6 +152,14 @@ class LocalTriton:
     """The bundled Triton serving a model repository; a context manager that always cleans up.
 
     Ports of 0 are replaced by free ones. `with LocalTriton(repo) as server: server.grpc_url`.
+
+    Two guards against faults the bundled Triton 2.51 does not survive (docs/reliability.md):
+    - `http_guard`: the HTTP and metrics ports are served by a vetting proxy (mtl_serve.guard) in
+      this process; Triton's own HTTP and metrics endpoints listen on loopback ports behind it.
+    - `watchdog`: Triton 2.51 leaves a model READY when its python-backend stub dies, and fails every
+      request after that. A thread watches the stub processes and restarts Triton on the same ports
+      when one dies (at most `max_restarts` times in `restart_window_s`; then it stops Triton and
+      `failure` says why).
     """
 
     model_repository: Path
@@ -153,6 +173,25 @@ class LocalTriton:
     host: str = "127.0.0.1"
     admin_key: str = field(default_factory=lambda: secrets.token_hex(16))
     extra_args: tuple[str, ...] = ()
+    # gRPC over TLS (Triton's own SSL): PEM files; a root cert with grpc_ssl_mutual checks client certificates.
+    grpc_server_cert: Path | None = None
+    grpc_server_key: Path | None = None
+    grpc_root_cert: Path | None = None
+    grpc_ssl_mutual: bool = False
+    restricted_apis: tuple[str, ...] = RESTRICTED_APIS
+    http_guard: bool = True
+    max_http_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # glibc's dynamic mmap threshold lets the stub's heap keep every activation buffer it ever freed: under
+    # mixed short/long batches its RSS grew by ~650 MiB in 80 s and kept growing. Buffers of 2 MiB and more
+    # (the long-row activations) are mmapped at this fixed threshold and go back to the OS when freed.
+    # None leaves glibc's default; a MALLOC_MMAP_THRESHOLD_ already in the environment wins.
+    malloc_mmap_threshold: int | None = 2 * 1024 * 1024
+    watchdog: bool = True
+    watchdog_interval_s: float = 0.5
+    max_restarts: int = 3
+    restart_window_s: float = 300.0
+    # Called with each watchdog event (a one-line message); events are also kept in `events`.
+    on_event: Callable[[str], None] | None = field(default=None, repr=False)
     process: subprocess.Popen | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -160,6 +199,20 @@ class LocalTriton:
         self.grpc_port = self.grpc_port or free_port()
         self.http_port = self.http_port or free_port()
         self.metrics_port = self.metrics_port or free_port()
+        if bool(self.grpc_server_cert) != bool(self.grpc_server_key):
+            raise ServerError("gRPC TLS needs both a server certificate and its private key")
+        self.events: list[str] = []
+        self.restarts = 0
+        self.failure: str | None = None
+        self._restart_times: list[float] = []
+        self._stubs: dict[int, str] = {}
+        self._guards: list[HttpGuard] = []
+        self._triton_http_port = self._triton_metrics_port = 0
+        self._lock = threading.RLock()
+        self._stopping = threading.Event()
+        self._watch_thread: threading.Thread | None = None
+        self._runtime: Path | None = None
+        self._stub_python: Path | None = None
 
     # -- endpoints -----------------------------------------------------------------------------------
     @property
@@ -178,21 +231,48 @@ class LocalTriton:
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
+    @property
+    def tls(self) -> bool:
+        return self.grpc_server_cert is not None
+
+    def stub_pids(self) -> list[int]:
+        """The python-backend stub processes of the running Triton."""
+        if self.process is None or self.process.poll() is not None:
+            return []
+        return [pid for pid in group_members(self.process.pid) if STUB_NAME in _cmdline(pid)]
+
     # -- life cycle ----------------------------------------------------------------------------------
     def command(self, runtime: Path) -> list[str]:
-        restricted = f"model-repository,shared-memory:{ADMIN_HEADER}={self.admin_key}"
+        restricted = f"{','.join(self.restricted_apis)}:{ADMIN_HEADER}={self.admin_key}"
+        # Behind the guard, Triton's HTTP and metrics listen on loopback ports only the guard uses.
+        http_host, http_port = ("127.0.0.1", self._triton_http_port) if self.http_guard else (self.host, self.http_port)
+        metrics_host, metrics_port = (("127.0.0.1", self._triton_metrics_port) if self.http_guard
+                                      else (self.host, self.metrics_port))
+        tls = []
+        if self.tls:
+            tls = ["--grpc-use-ssl=true", f"--grpc-server-cert={Path(self.grpc_server_cert).resolve()}",
+                   f"--grpc-server-key={Path(self.grpc_server_key).resolve()}"]
+            if self.grpc_root_cert:
+                tls.append(f"--grpc-root-cert={Path(self.grpc_root_cert).resolve()}")
+            if self.grpc_ssl_mutual:
+                tls.append("--grpc-use-ssl-mutual=true")
         return [
             str(runtime / "bin" / "tritonserver"),
             f"--model-repository={self.model_repository}",
             f"--backend-directory={runtime / 'backends'}",
             f"--cache-directory={runtime / 'caches'}",
+            f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
-            f"--http-port={self.http_port}",
-            f"--metrics-port={self.metrics_port}",
+            f"--http-address={http_host}",
+            f"--http-port={http_port}",
+            f"--metrics-address={metrics_host}",
+            f"--metrics-port={metrics_port}",
             "--model-control-mode=none",
+            "--exit-on-error=true",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--grpc-restricted-protocol={restricted}",
             f"--http-restricted-api={restricted}",
+            *tls,
             *self.extra_args,
         ]
 
@@ -204,6 +284,8 @@ class LocalTriton:
         # The stub takes sys.prefix and site-packages from the first python3 on PATH.
         env["PATH"] = os.pathsep.join((str(stub_python.parent), env.get("PATH", "")))
         env.pop("PYTHONPATH", None)
+        if self.malloc_mmap_threshold is not None:
+            env.setdefault("MALLOC_MMAP_THRESHOLD_", str(self.malloc_mmap_threshold))
         return env
 
     def start(self) -> "LocalTriton":
@@ -215,31 +297,60 @@ class LocalTriton:
         for label, port in (("gRPC", self.grpc_port), ("HTTP", self.http_port), ("metrics", self.metrics_port)):
             if not port_is_free(port):
                 raise ServerError(f"{label} port {port} is already in use (choose another with --{label.lower()}-port)")
-        stub_python = Path(self.stub_python or Path(sys.prefix) / "bin" / "python3")
-        check_stub_environment(stub_python)
-        runtime = prepare_runtime()
+        for label, path in (("server certificate", self.grpc_server_cert), ("server key", self.grpc_server_key),
+                            ("root certificate", self.grpc_root_cert)):
+            if path is not None and not Path(path).is_file():
+                raise ServerError(f"gRPC TLS {label} {path} does not exist")
+        self._stub_python = Path(self.stub_python or Path(sys.prefix) / "bin" / "python3")
+        check_stub_environment(self._stub_python)
+        self._runtime = prepare_runtime()
         if self.log_file is None:
             logs = cache_dir() / "logs"
             logs.mkdir(parents=True, exist_ok=True)
             self.log_file = logs / f"tritonserver-{self.http_port}.log"
         self.log_file = Path(self.log_file)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_file.open("wb") as log:
-            # Its own session, so that a stop reaches the stub processes too.
-            self.process = subprocess.Popen(
-                self.command(runtime), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self.environment(stub_python), start_new_session=True,
-            )
+        self._stopping.clear()
+        self.failure = None
         try:
-            self.wait_until_ready(names)
+            if self.http_guard:
+                self._start_guards()
+            self._launch(names, append=False)
         except BaseException:
             self.stop()
             raise
+        if self.watchdog:
+            self._watch_thread = threading.Thread(target=self._watch, args=(names,), name="mtl-serve-watchdog",
+                                                  daemon=True)
+            self._watch_thread.start()
         return self
 
-    def _get(self, path: str) -> int:
+    def _start_guards(self) -> None:
+        for attr in ("_triton_http_port", "_triton_metrics_port"):
+            if not getattr(self, attr) or not port_is_free(getattr(self, attr)):
+                setattr(self, attr, free_port())
+        for name, port, upstream, limit in (("http", self.http_port, self._triton_http_port, self.max_http_body_bytes),
+                                            ("metrics", self.metrics_port, self._triton_metrics_port, 1 << 20)):
+            try:
+                guard = HttpGuard(self.host, port, "127.0.0.1", upstream, max_body_bytes=limit, name=name)
+            except OSError as exc:
+                raise ServerError(f"{name} port {port} is already in use ({exc.strerror})") from None
+            self._guards.append(guard.start())
+
+    def _launch(self, names: list[str], append: bool) -> None:
+        with self.log_file.open("ab" if append else "wb") as log:
+            # Its own session, so that a stop reaches the stub processes too.
+            self.process = subprocess.Popen(
+                self.command(self._runtime), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=self.environment(self._stub_python), start_new_session=True,
+            )
+        self.wait_until_ready(names)
+        self._stubs = {pid: _start_time(pid) for pid in self.stub_pids()}
+
+    def _get(self, path: str, direct: bool = False) -> int:
+        base = f"http://127.0.0.1:{self._triton_http_port}" if direct and self.http_guard else self.http_url
         try:
-            with urllib.request.urlopen(f"{self.http_url}{path}", timeout=2) as response:
+            with urllib.request.urlopen(f"{base}{path}", timeout=2) as response:
                 return response.status
         except urllib.error.HTTPError as exc:
             return exc.code
@@ -252,17 +363,89 @@ class LocalTriton:
     def wait_until_ready(self, names: list[str]) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
+            if self._stopping.is_set():
+                raise ServerError("stopped while waiting for Triton to become ready")
             if self.process.poll() is not None:
                 raise ServerError(
                     f"tritonserver exited with code {self.process.returncode} during start-up (log: {self.log_file}):\n"
                     + log_problems(self.log_text())
                 )
-            if self.is_ready() and all(self.is_ready(name) for name in names):
+            if self._get("/v2/health/ready", direct=True) == 200 and all(
+                self._get(f"/v2/models/{name}/ready", direct=True) == 200 for name in names
+            ):
                 return
             time.sleep(0.25)
         raise ServerError(
             f"models {names} not ready after {self.startup_timeout_s:.0f}s (log: {self.log_file}):\n" + log_problems(self.log_text())
         )
+
+    # -- watchdog ------------------------------------------------------------------------------------
+    def _event(self, message: str) -> None:
+        self.events.append(message)
+        logger.info("%s", message)
+        if self.on_event is not None:
+            self.on_event(message)
+
+    def _fail(self, reason: str) -> None:
+        # Set last, so that whoever sees `failure` also sees Triton already stopped.
+        self._event(reason.splitlines()[0])
+        self.failure = reason
+
+    def _watch(self, names: list[str]) -> None:
+        while not self._stopping.wait(self.watchdog_interval_s):
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                if self.process.poll() is not None:
+                    self._end_process(grace_s=0)  # its stubs, if it left any
+                    self._fail(f"tritonserver exited with code {self.process.returncode} (log: {self.log_file}):\n"
+                               + log_problems(self.log_text()))
+                    return
+                dead = [pid for pid, started in self._stubs.items() if _start_time(pid) != started]
+                if not dead:
+                    continue
+                self._event(f"python-backend stub process {', '.join(map(str, dead))} died: Triton keeps the model "
+                            "READY but fails every request")
+                now = time.monotonic()
+                self._restart_times = [t for t in self._restart_times if now - t < self.restart_window_s]
+                if len(self._restart_times) >= self.max_restarts:
+                    self._end_process(grace_s=2)
+                    self._fail(f"the python-backend stub died, and {len(self._restart_times)} of "
+                               f"{self.max_restarts} allowed restart(s) within {self.restart_window_s:.0f}s "
+                               f"were already used: stopped Triton (log: {self.log_file})")
+                    return
+                self._restart_times.append(now)
+                self.restarts += 1
+                self._event(f"restarting Triton on the same ports (restart {self.restarts})")
+                try:
+                    self._end_process(grace_s=2)
+                    with self.log_file.open("ab") as log:
+                        log.write(f"\n==== mtl-serve watchdog: stub {dead} died, restarting Triton ====\n".encode())
+                    self._launch(names, append=True)
+                except ServerError as exc:
+                    if self._stopping.is_set():
+                        return
+                    self._end_process(grace_s=0)
+                    self._fail(f"restart failed: {exc}")
+                    return
+                self._event(f"Triton restarted: models {', '.join(names)} ready")
+
+    def _end_process(self, grace_s: float) -> int | None:
+        """SIGTERM Triton's process group, wait `grace_s`, then SIGKILL what is left."""
+        if self.process is None:
+            return None
+        group = self.process.pid
+        if self.process.poll() is None:
+            _signal_group(group, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                _signal_group(group, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        # Stubs left behind by a crashed server still belong to its process group.
+        _signal_group(group, signal.SIGKILL)
+        _wait_group_gone(group, timeout_s=10)
+        return self.process.returncode
 
     def log_text(self) -> str:
         try:
@@ -272,26 +455,40 @@ class LocalTriton:
 
     def stop(self) -> int | None:
         """SIGTERM the server's process group, wait for in-flight work, then SIGKILL what is left."""
-        if self.process is None:
-            return None
-        group = self.process.pid
-        if self.process.poll() is None:
-            _signal_group(group, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=self.exit_timeout_s + 15)
-            except subprocess.TimeoutExpired:
-                _signal_group(group, signal.SIGKILL)
-                self.process.wait(timeout=10)
-        # Stubs left behind by a crashed server still belong to its process group.
-        _signal_group(group, signal.SIGKILL)
-        _wait_group_gone(group, timeout_s=10)
-        return self.process.returncode
+        self._stopping.set()
+        watcher = self._watch_thread
+        if watcher is not None and watcher is not threading.current_thread():
+            watcher.join(timeout=self.startup_timeout_s + 30)
+        self._watch_thread = None
+        with self._lock:
+            code = self._end_process(grace_s=self.exit_timeout_s + 15)
+            for guard in self._guards:
+                guard.stop()
+            self._guards = []
+        return code
 
     def __enter__(self) -> "LocalTriton":
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time (field 22 of /proc/PID/stat), or "" when it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return "" if fields[0] in ("Z", "X") else fields[19]
 
 
 def _signal_group(group: int, sig: int) -> None:

@@ -108,3 +108,17 @@ def test_client_arguments_are_checked():
     client.close()  # closing twice is harmless
     with pytest.raises(MTLClientError, match="closed"):
         client.predict(["x"])
+
+
+def test_a_server_shutting_down_is_transient():
+    from tritonclient.utils import InferenceServerException
+
+    from mtl_client.errors import ServerUnavailableError, is_transient, translate
+
+    for status, message in [("StatusCode.CANCELLED", "cancelled"),
+                            ("StatusCode.NOT_FOUND", "Request for unknown model: 'multitask' has no available versions")]:
+        error = translate(InferenceServerException(message, status=status), url="u", model="multitask")
+        assert isinstance(error, ServerUnavailableError) and is_transient(error)
+    missing = translate(InferenceServerException("Request for unknown model: 'nope' is not found",
+                                                 status="StatusCode.NOT_FOUND"), url="u", model="nope")
+    assert not is_transient(missing)

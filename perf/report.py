@@ -1,0 +1,75 @@
+"""What a load test leaves behind: combined CSV, PNG, summary JSON, and the sweep's table."""
+from __future__ import annotations
+
+import csv
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .analyzer import Measurement, PerfAnalyzer, RunSettings
+from .load import machine
+from .plot import plot
+
+
+def metadata(analyzer: PerfAnalyzer, settings: RunSettings, texts: list[str], source: str) -> dict:
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "perf_analyzer": {"binary": str(analyzer.binary), "version": analyzer.version()},
+        "settings": {"measurement_ms": settings.measurement_ms, "max_trials": settings.max_trials,
+                     "stability_percent": settings.stability_percent, "protocol": "grpc"},
+        "input": {"source": source, "sentences": len(texts), "mean_characters": round(sum(map(len, texts)) / len(texts), 1)},
+    }
+
+
+def _where(meta: dict) -> str:
+    m = meta["machine"]
+    return f"perf_analyzer {meta['perf_analyzer']['version']}, {m['cpu_count']} CPUs" + (f", {m['gpu']}" if m.get("gpu") else "")
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_run(measurements: list[Measurement], out_dir: Path, meta: dict, model: str) -> list[Path]:
+    """perf.csv (one row per workload and concurrency), perf.png, summary.json."""
+    rows = [m.as_row() for m in measurements]
+    sizes = sorted({m.sentences_per_request for m in measurements})
+    series = {f"{size}-sentence requests": [m for m in measurements if m.sentences_per_request == size] for size in sizes}
+    paths = [write_csv(rows, out_dir / "perf.csv"),
+             plot(series, out_dir / "perf.png", f"{model} over gRPC, {_where(meta)}")]
+    (out_dir / "summary.json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
+    return paths + [out_dir / "summary.json"]
+
+
+def sweep_table(rows: list[dict]) -> str:
+    """Markdown: one line per variant, workload and concurrency; best throughput first within a workload."""
+    lines = ["| variant | instances | queue delay (µs) | preferred | sentences/request | concurrency | sentences/s | "
+             "requests/s | p50 (ms) | p99 (ms) |", "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for row in sorted(rows, key=lambda r: (r["sentences_per_request"], -r["sentences_per_s"])):
+        lines.append(f"| {row['variant']} | {row['instance_count']} | {row['max_queue_delay_us']} | "
+                     f"{row['preferred_batch_sizes']} | {row['sentences_per_request']} | {row['concurrency']} | "
+                     f"{row['sentences_per_s']:.1f} | {row['requests_per_s']:.1f} | {row['p50_us'] / 1000:.1f} | "
+                     f"{row['p99_us'] / 1000:.1f} |")
+    return "\n".join(lines)
+
+
+def write_sweep(rows: list[dict], out_dir: Path, meta: dict, base_settings: dict, model: str) -> str:
+    """sweep.csv, sweep.md, sweep_b<SENTENCES>.png per workload, summary.json; returns the table."""
+    write_csv(rows, out_dir / "sweep.csv")
+    for size in sorted({r["sentences_per_request"] for r in rows}):
+        series: dict[str, list[Measurement]] = {}
+        for row in rows:
+            if row["sentences_per_request"] == size:
+                fields = {k: row[k] for k in Measurement.__dataclass_fields__}
+                series.setdefault(row["variant"], []).append(Measurement(**fields))
+        plot(series, out_dir / f"sweep_b{size}.png", f"{size}-sentence requests: batching variants of {model}, {_where(meta)}")
+    table = sweep_table(rows)
+    (out_dir / "sweep.md").write_text(table + "\n")
+    (out_dir / "summary.json").write_text(json.dumps({**meta, "base_config": base_settings, "results": rows}, indent=2) + "\n")
+    return table

@@ -1,0 +1,282 @@
+"""A small HTTP/1.1 reverse proxy in front of Triton's HTTP and metrics endpoints.
+
+Triton 2.51 (the binary in nvidia-pytriton 0.7.0) dies with SIGSEGV, taking every model with it, on
+HTTP requests that a client can send by accident (measurements in docs/reliability.md):
+  - a body of about 4 MB or more sent with `Content-Type: application/x-www-form-urlencoded`, which
+    is what `curl -d` and Python's urllib send by default; on every HTTP endpoint, metrics included;
+  - JSON nested a few hundred thousand levels deep (a body of ~400 KB).
+Only requests that cannot take those shapes are forwarded: the content type is set from the body's
+layout, bodies are bounded, request compression is undone here within the same bound, chunked bodies
+are refused, and JSON that Python's parser refuses (malformed, or nested deeper than ~1,000 levels)
+is refused with 400. Everything else, including every inference error, comes from Triton unchanged.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import socket
+import threading
+import zlib
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+log = logging.getLogger("mtl_serve.guard")
+
+# Above any valid request (256 rows of 16,384 characters, the most the model reads, are under 17 MB
+# of JSON) and small enough to bound what one request can make the proxy and Triton hold.
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+# Inference can take a while on a CPU (256 long rows); a dead upstream is seen at once anyway.
+UPSTREAM_TIMEOUT_S = 600.0
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te", "trailer",
+    "transfer-encoding", "upgrade", "host", "content-length", "content-type", "content-encoding",
+})
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+class Rejected(Exception):
+    """A request the guard answers itself, with `status` and a Triton-style {"error": ...} body."""
+
+    def __init__(self, status: HTTPStatus, message: str, close: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.close = close
+
+
+def check_json(document: bytes) -> None:
+    """Refuse JSON that Python's parser refuses: malformed, or nested deeper than ~1,000 levels."""
+    # Undecodable bytes become U+FFFD so that a bad byte early on cannot hide what follows it.
+    try:
+        json.loads(document.decode("utf-8", "replace"), strict=False)
+    except RecursionError:
+        raise Rejected(HTTPStatus.BAD_REQUEST, "request JSON is nested too deeply") from None
+    except ValueError as exc:
+        raise Rejected(HTTPStatus.BAD_REQUEST, f"failed to parse the request JSON: {exc}") from None
+
+
+def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """Undo gzip/deflate request compression, refusing output over `limit` bytes (a zip bomb)."""
+    # 32 + 15: accept both the gzip and the zlib wrapper, as Triton does for gzip and deflate.
+    inflater = zlib.decompressobj(32 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(body, limit + 1)
+        if len(out) > limit or inflater.unconsumed_tail:
+            raise Rejected(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                           f"the {encoding} request body inflates to more than {limit:,} bytes", close=True)
+        out += inflater.flush()
+    except zlib.error as exc:
+        raise Rejected(HTTPStatus.BAD_REQUEST, f"the {encoding} request body cannot be decompressed: {exc}") from None
+    if len(out) > limit:
+        raise Rejected(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                       f"the {encoding} request body inflates to more than {limit:,} bytes", close=True)
+    return out
+
+
+def vet(method: str, headers, body: bytes, max_body_bytes: int) -> tuple[bytes, str, dict[str, str]]:
+    """(body to forward, its content type, extra headers) for a request with `body` already read."""
+    extra: dict[str, str] = {}
+    encoding = (headers.get("Content-Encoding") or "identity").strip().lower()
+    if encoding in ("gzip", "deflate"):
+        body = decompress(body, encoding, max_body_bytes)
+    elif encoding != "identity":
+        raise Rejected(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                       f"unsupported Content-Encoding {encoding!r}: use gzip, deflate or none")
+    json_length = len(body)
+    declared = headers.get(HEADER_LENGTH)
+    if declared is not None:
+        if not declared.strip().isdigit() or int(declared) > len(body):
+            raise Rejected(HTTPStatus.BAD_REQUEST,
+                           f"{HEADER_LENGTH} must be a whole number of bytes no larger than the body "
+                           f"({len(body):,}), got {declared!r}")
+        json_length = int(declared)
+        extra[HEADER_LENGTH] = str(json_length)
+    if method in ("POST", "PUT") and json_length:
+        check_json(body[:json_length])
+    # Triton parses a form-urlencoded body on its stack (the crash above); no endpoint needs that type.
+    content_type = "application/json" if json_length == len(body) else "application/octet-stream"
+    return body, content_type, extra
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "mtl-serve-guard"
+    # Idle keep-alive connections are closed after this many seconds.
+    timeout = 120
+    server: "_Server"
+
+    def setup(self) -> None:
+        super().setup()
+        self.upstream: http.client.HTTPConnection | None = None
+        self.server.track(self.connection, add=True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.track(self.connection, add=False)
+            if self.upstream is not None:
+                self.upstream.close()
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's name
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def _reply(self, status: int, body: bytes, headers: list[tuple[str, str]]) -> None:
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _error(self, status: HTTPStatus, message: str) -> None:
+        self._reply(status, json.dumps({"error": message}).encode(), [("Content-Type", "application/json")])
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding"):
+            raise Rejected(HTTPStatus.LENGTH_REQUIRED, "chunked request bodies are not accepted: send Content-Length",
+                           close=True)
+        length = self.headers.get("Content-Length")
+        if length is None:
+            return b""
+        if not length.strip().isdigit():
+            raise Rejected(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length!r}", close=True)
+        size = int(length)
+        if size > self.server.max_body_bytes:
+            # Read (and drop) a moderately oversized body so that the client gets the 413, not a reset.
+            if size <= 4 * self.server.max_body_bytes + (16 << 20):
+                self._discard(size)
+            raise Rejected(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                           f"request body of {size:,} bytes is over the {self.server.max_body_bytes:,}-byte limit",
+                           close=True)
+        body = self.rfile.read(size)
+        if len(body) != size:
+            raise ConnectionError("the client closed the connection in the middle of its request body")
+        return body
+
+    def _discard(self, size: int) -> None:
+        while size > 0:
+            chunk = self.rfile.read(min(size, 1 << 20))
+            if not chunk:
+                return
+            size -= len(chunk)
+
+    def _forward(self, body: bytes, content_type: str, extra: dict[str, str]):
+        headers = {k: v for k, v in self.headers.items()
+                   if k.lower() not in HOP_BY_HOP and k.lower() != HEADER_LENGTH.lower()}
+        headers.update(extra)
+        if body or self.command in ("POST", "PUT"):
+            headers["Content-Type"] = content_type
+            headers["Content-Length"] = str(len(body))
+        for attempt in (0, 1):
+            if self.upstream is None:
+                self.upstream = http.client.HTTPConnection(*self.server.upstream, timeout=UPSTREAM_TIMEOUT_S)
+            try:
+                self.upstream.request(self.command, self.path, body=body or None, headers=headers)
+                return self.upstream.getresponse()
+            except (ConnectionError, http.client.HTTPException, OSError):
+                self.upstream.close()
+                self.upstream = None
+                # A kept-alive upstream connection may have been closed by Triton in between: retry once.
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _handle(self) -> None:
+        try:
+            body = self._read_body()
+            body, content_type, extra = vet(self.command, self.headers, body, self.server.max_body_bytes)
+        except Rejected as rejected:
+            self.close_connection = self.close_connection or rejected.close
+            log.warning("refused %s %s from %s: %s", self.command, self.path, self.client_address[0], rejected)
+            self.server.count_refusal()
+            self._error(rejected.status, str(rejected))
+            return
+        except (ConnectionError, socket.timeout):
+            self.close_connection = True
+            return
+        try:
+            response = self._forward(body, content_type, extra)
+            payload = response.read()
+        except (ConnectionError, http.client.HTTPException, OSError) as exc:
+            self.close_connection = True
+            self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"Triton is not answering ({exc.__class__.__name__}): "
+                                                        "it is starting, restarting or stopped")
+            return
+        # Triton's own Content-Type and Content-Encoding describe the payload; pass them on.
+        passed = HOP_BY_HOP - {"content-type", "content-encoding"}
+        headers = [(k, v) for k, v in response.getheaders() if k.lower() not in passed]
+        if response.will_close:
+            self.upstream.close()
+            self.upstream = None
+        self._reply(response.status, payload, headers)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_OPTIONS = do_PATCH = _handle
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    # Handler threads are daemons and their connections are shut down on stop; don't wait for them.
+    block_on_close = False
+
+    def __init__(self, address, upstream, max_body_bytes):
+        self.upstream = upstream
+        self.max_body_bytes = max_body_bytes
+        self.refusals = 0
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def track(self, connection: socket.socket, add: bool) -> None:
+        with self._lock:
+            (self._connections.add if add else self._connections.discard)(connection)
+
+    def count_refusal(self) -> None:
+        with self._lock:
+            self.refusals += 1
+
+    def close_connections(self) -> None:
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class HttpGuard:
+    """Listen on (host, port) and forward vetted requests to Triton at (upstream_host, upstream_port)."""
+
+    def __init__(self, host: str, port: int, upstream_host: str, upstream_port: int,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, name: str = "http"):
+        self.name = name
+        self._server = _Server((host, port), (upstream_host, upstream_port), max_body_bytes)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name=f"mtl-serve-guard-{name}", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    @property
+    def refusals(self) -> int:
+        """Requests answered by the guard itself instead of being forwarded."""
+        return self._server.refusals
+
+    def start(self) -> "HttpGuard":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._server.close_connections()
+        self._thread.join(timeout=5)
