@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -66,6 +67,38 @@ def per_call(function, batches) -> list[float]:
     return durations
 
 
+def process_cpu_seconds(pids) -> float:
+    """user+system CPU seconds of running processes (e.g. Triton and its stubs), from /proc."""
+    total = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+class CpuClock:
+    """CPU seconds this process (all its threads) and `pids` spend in a block: a contender's cost in CPU time.
+
+    Wall-clock numbers on a shared 2-core machine move with other people's jobs; CPU seconds per
+    sentence move much less, so both are reported.
+    """
+
+    def __init__(self, pids=lambda: []):
+        self.pids = pids
+        self.start = time.process_time() + process_cpu_seconds(pids())
+
+    def seconds(self) -> float:
+        return time.process_time() + process_cpu_seconds(self.pids()) - self.start
+
+
+def with_cpu(result: dict, cpu_s: float) -> dict:
+    return {**result, "cpu_s": round(cpu_s, 2), "sentences_per_cpu_s": round(result["sentences"] / cpu_s, 1)}
+
+
 class OthersCpu:
     """How much CPU processes other than this one and its finished children used while a block ran.
 
@@ -107,14 +140,15 @@ def bench_sentence_transformer(texts: list[str], device: str, model_path: Path |
 
     def one_call() -> dict:
         model.encode(texts[:REQUEST], batch_size=REQUEST)  # warm-up
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), CpuClock()
         model.encode(texts, batch_size=REQUEST)
         seconds = time.perf_counter() - started
-        return {"sentences": len(texts), "calls": 1, "seconds": round(seconds, 3),
-                "sentences_per_s": round(len(texts) / seconds, 1)}
+        return with_cpu({"sentences": len(texts), "calls": 1, "seconds": round(seconds, 3),
+                         "sentences_per_s": round(len(texts) / seconds, 1)}, cpu.seconds())
 
-    result = {"model": str(model_path), "one_call": one_call(),
-              "per_request": summary(per_call(lambda b: model.encode(b, batch_size=REQUEST), chunks(texts)), len(texts))}
+    cpu = CpuClock()
+    per_request = summary(per_call(lambda b: model.encode(b, batch_size=REQUEST), chunks(texts)), len(texts))
+    result = {"model": str(model_path), "per_request": with_cpu(per_request, cpu.seconds()), "one_call": one_call()}
     if device.startswith("cuda"):
         model.half()  # what the served model runs on a GPU
         result["one_call_fp16"] = one_call()
@@ -162,8 +196,11 @@ def bench_raw(repository: Path, texts: list[str], device_name: str) -> dict:
     batches = chunks(texts)
     tokenized = [core.tokenize(tokenizer, b, spec.max_tokens) for b in batches]
     forward(tokenized[0])  # warm-up
-    return {"forward": summary(per_call(forward, tokenized), len(texts)),
-            "tokenize_forward": summary(per_call(tokenize_forward, batches), len(texts)),
+    cpu = CpuClock()
+    forward_only = with_cpu(summary(per_call(forward, tokenized), len(texts)), cpu.seconds())
+    cpu = CpuClock()
+    end_to_end = with_cpu(summary(per_call(tokenize_forward, batches), len(texts)), cpu.seconds())
+    return {"forward": forward_only, "tokenize_forward": end_to_end,
             "dtype": str(dtype).replace("torch.", ""), "chunk_rows": chunk_rows,
             "torch_threads": torch.get_num_threads()}
 
@@ -193,20 +230,25 @@ def padding_profile(repository: Path, texts: list[str]) -> dict:
         "64-sentence batch padded to its longest row (no sorting)": sum(int(g.max()) * len(g) for g in in_order),
         "b/served, one 64-sentence request per batch: sorted, chunks of 32": padded(in_order, 32),
         "served, 4 requests merged into a 256-row dynamic batch: sorted, chunks of 32": padded(merged, 32),
+        "idea: the same with chunks of 8": padded(merged, 8),
+        "idea: the client sorts all rows by length before forming 64-sentence requests": padded(
+            [g for g in np.split(np.sort(lengths)[::-1], range(REQUEST, len(lengths), REQUEST))], 32),
     }
     return {"real_tokens": real, "mean_tokens": round(real / len(texts), 1),
             "padded_over_real": {name: round(value / real, 3) for name, value in cases.items()}}
 
 
 # -- c. through Triton -------------------------------------------------------------------------------------
-def bench_client(url: str, texts: list[str], csv_path: Path, out_dir: Path, concurrency: int) -> dict:
+def bench_client(url: str, texts: list[str], csv_path: Path, out_dir: Path, concurrency: int, server_pids) -> dict:
     from mtl_client import MultiTaskClient
 
     with MultiTaskClient(url, concurrency=concurrency) as client:
         client.predict(texts[:REQUEST], batch_size=REQUEST)  # warm-up, and the contract is read here
-        started = time.perf_counter()
+        started, cpu, everything = time.perf_counter(), time.process_time(), CpuClock(server_pids)
         predictions = client.predict(texts, batch_size=REQUEST)
         pipelined = time.perf_counter() - started
+        client_cpu = time.process_time() - cpu  # this process's threads: the client's own cost
+        total_cpu = everything.seconds()  # client + Triton + stub
         if len(predictions) != len(texts):
             raise RuntimeError(f"MultiTaskClient.predict returned {len(predictions)} predictions for {len(texts)} texts")
         sequential = per_call(lambda b: client.predict(b, batch_size=REQUEST), chunks(texts))
@@ -215,20 +257,29 @@ def bench_client(url: str, texts: list[str], csv_path: Path, out_dir: Path, conc
     cli = [str(script)] if script.is_file() else [sys.executable, "-m", "mtl_client.cli"]
     command = cli + ["predict", str(csv_path), "--url", url, "--out-dir", str(out_dir),
                      "--batch-size", str(REQUEST), "--concurrency", str(concurrency)]
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server = CpuClock(server_pids)
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, timeout=3600)
     cli_seconds = time.perf_counter() - started
+    server_cpu = server.seconds()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cli_cpu = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} exited {result.returncode}: {result.stderr.strip()[-500:]}")
     started = time.perf_counter()
     subprocess.run(cli + ["--help"], capture_output=True, timeout=120, check=True)
     startup = time.perf_counter() - started
-    return {"client_lib": {"sentences": len(texts), "calls": 1, "seconds": round(pipelined, 3),
-                           "sentences_per_s": round(len(texts) / pipelined, 1), "concurrency": concurrency},
+    return {"client_lib": with_cpu({"sentences": len(texts), "calls": 1, "seconds": round(pipelined, 3),
+                                    "sentences_per_s": round(len(texts) / pipelined, 1), "concurrency": concurrency,
+                                    "client_cpu_s": round(client_cpu, 2)}, total_cpu),
             "client_lib_sequential": summary(sequential, len(texts)),
-            "cli": {"sentences": len(texts), "calls": 1, "seconds": round(cli_seconds, 3),
-                    "sentences_per_s": round(len(texts) / cli_seconds, 1), "concurrency": concurrency,
-                    "process_startup_s": round(startup, 2), "command": " ".join(command)}}
+            "cli": with_cpu({"sentences": len(texts), "calls": 1, "seconds": round(cli_seconds, 3),
+                             "sentences_per_s": round(len(texts) / cli_seconds, 1), "concurrency": concurrency,
+                             "client_cpu_s": round(cli_cpu, 2), "process_startup_s": round(startup, 2),
+                             "command": " ".join(command)}, server_cpu + cli_cpu)}
 
 
 # -- d. perf_analyzer --------------------------------------------------------------------------------------
@@ -297,6 +348,11 @@ def ratios(results: dict) -> dict:
             out[f"c({c_key})/a(per 64)"] = round(value / a["per_request"]["sentences_per_s"], 3)
         if "one_call_fp16" in a:
             out[f"c({c_key})/a(one call, fp16)"] = round(value / a["one_call_fp16"]["sentences_per_s"], 3)
+        per_cpu = c[c_key].get("sentences_per_cpu_s")
+        if per_cpu and "sentences_per_cpu_s" in a.get("one_call", {}):
+            out[f"per CPU-second: c({c_key})/a(one call)"] = round(per_cpu / a["one_call"]["sentences_per_cpu_s"], 3)
+        if per_cpu and "sentences_per_cpu_s" in b.get("tokenize_forward", {}):
+            out[f"per CPU-second: c({c_key})/b2"] = round(per_cpu / b["tokenize_forward"]["sentences_per_cpu_s"], 3)
         if "tokenize_forward" in b:
             out[f"c({c_key})/b2(tokenize+forward)"] = round(value / b["tokenize_forward"]["sentences_per_s"], 3)
             out[f"c({c_key})/b1(forward only)"] = round(value / b["forward"]["sentences_per_s"], 3)
@@ -304,32 +360,35 @@ def ratios(results: dict) -> dict:
 
 
 def table(results: dict) -> str:
-    rows = [("contender", "sentences/s", "p50 (ms)", "p99 (ms)", "latency of")]
+    header = ("contender", "sentences/s", "sentences per CPU-s", "p50 (ms)", "p99 (ms)", "latency of")
+    rows = []
     a, b, c, d = (results.get(k, {}) for k in "abcd")
+
+    def add(name, entry, latency_of=""):
+        rows.append((name, entry["sentences_per_s"], entry.get("sentences_per_cpu_s", ""),
+                     entry.get("p50_ms", "") if latency_of else "", entry.get("p99_ms", "") if latency_of else "", latency_of))
+
     if a:
-        rows.append(("a. SentenceTransformer.encode(all, batch_size=64)", a["one_call"]["sentences_per_s"], "", "", ""))
-        rows.append(("a. SentenceTransformer.encode, one call per 64 sentences", a["per_request"]["sentences_per_s"],
-                     a["per_request"]["p50_ms"], a["per_request"]["p99_ms"], "one 64-sentence call"))
+        add("a. SentenceTransformer.encode(all, batch_size=64)", a["one_call"])
+        add("a. SentenceTransformer.encode, one call per 64 sentences", a["per_request"], "one 64-sentence call")
         if "one_call_fp16" in a:
-            rows.append(("a. SentenceTransformer.encode(all, batch_size=64), model.half()",
-                         a["one_call_fp16"]["sentences_per_s"], "", "", ""))
+            add("a. SentenceTransformer.encode(all, batch_size=64), model.half()", a["one_call_fp16"])
     if b:
-        rows.append((f"b1. multitask_core forward only ({b['dtype']}, pre-tokenized)", b["forward"]["sentences_per_s"],
-                     b["forward"]["p50_ms"], b["forward"]["p99_ms"], "one 64-sentence batch"))
-        rows.append(("b2. multitask_core tokenize + forward", b["tokenize_forward"]["sentences_per_s"],
-                     b["tokenize_forward"]["p50_ms"], b["tokenize_forward"]["p99_ms"], "one 64-sentence batch"))
+        add(f"b1. multitask_core forward only ({b['dtype']}, pre-tokenized)", b["forward"], "one 64-sentence batch")
+        add("b2. multitask_core tokenize + forward", b["tokenize_forward"], "one 64-sentence batch")
     if c:
-        rows.append((f"c. MultiTaskClient.predict (batch 64, {c['client_lib']['concurrency']} in flight)",
-                     c["client_lib"]["sentences_per_s"], "", "", ""))
-        rows.append(("c. MultiTaskClient.predict, one 64-sentence request at a time",
-                     c["client_lib_sequential"]["sentences_per_s"], c["client_lib_sequential"]["p50_ms"],
-                     c["client_lib_sequential"]["p99_ms"], "one 64-sentence request"))
-        rows.append((f"c. mtl-client predict CSV (wall time, incl. {c['cli']['process_startup_s']} s start-up)",
-                     c["cli"]["sentences_per_s"], "", "", ""))
+        lib, cli = c["client_lib"], c["cli"]
+        add(f"c. MultiTaskClient.predict (batch 64, {lib['concurrency']} in flight; client's own CPU "
+            f"{lib.get('client_cpu_s', '?')} s of {lib['seconds']} s)", lib)
+        add("c. MultiTaskClient.predict, one 64-sentence request at a time", c["client_lib_sequential"],
+            "one 64-sentence request")
+        add(f"c. mtl-client predict CSV (wall time incl. {cli['process_startup_s']} s start-up; CLI's own CPU "
+            f"{cli.get('client_cpu_s', '?')} s of {cli['seconds']} s)", cli)
     for size, best in sorted(d.get("best", {}).items(), key=lambda kv: -int(kv[0])):
-        rows.append((f"d. perf_analyzer, {size}-sentence requests, best (concurrency {best['concurrency']})",
-                     best["sentences_per_s"], best["p50_ms"], best["p99_ms"], f"one {size}-sentence request"))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(5)]
+        add(f"d. perf_analyzer, {size}-sentence requests, best (concurrency {best['concurrency']})", best,
+            f"one {size}-sentence request")
+    rows.insert(0, header)
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
     lines = ["| " + " | ".join(str(v).ljust(widths[i]) for i, v in enumerate(rows[0])) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     lines += ["| " + " | ".join(str(v).ljust(widths[i]) for i, v in enumerate(r)) + " |" for r in rows[1:]]
@@ -357,6 +416,12 @@ def markdown(report: dict) -> str:
         "",
         "Ratios: " + (", ".join(f"{k} = {v}" for k, v in report["ratios"].items()) or "n/a"),
     ]
+    d_rows = report["results"].get("d", {}).get("rows", [])
+    if d_rows:
+        lines += ["", "perf_analyzer's server-side split per request (queue / compute input / infer / output, ms): "
+                  + "; ".join(f"{r['sentences_per_request']}-sentence c={r['concurrency']}: {r['server_queue_us'] / 1000:.1f} / "
+                              f"{r['server_compute_input_us'] / 1000:.1f} / {r['server_compute_infer_us'] / 1000:.1f} / "
+                              f"{r['server_compute_output_us'] / 1000:.1f}" for r in d_rows)]
     if report.get("padding"):
         pad = report["padding"]
         lines += ["", f"Tokens the encoder computes per real token ({pad['mean_tokens']} real tokens per sentence): "
@@ -376,6 +441,10 @@ def update_doc(doc: Path, label: str, text: str) -> None:
         current = current.rstrip("\n") + "\n\n" + block + "\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(current, encoding="utf-8")
+
+
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -402,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep d's perf_analyzer CSVs, perf.csv and perf.png here")
     args = parser.parse_args(argv)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    # SIGTERM (a caller's timeout) unwinds like Ctrl-C, so the Triton started for c and d is stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
 
     import torch
 
@@ -467,7 +538,13 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 log_file = (args.perf_out or tmp) / "tritonserver.log"
                 with local_target(repository, "multitask", log_file, args.stub_python) as target:
-                    attempt("c", lambda: bench_client(target.grpc_url, texts, csv_path, tmp / "outputs", args.concurrency))
+                    from mtl_serve.local import group_members
+
+                    def server_pids():  # Triton and its stubs share a process group
+                        return group_members(target.server.pid) if target.server.pid else []
+
+                    attempt("c", lambda: bench_client(target.grpc_url, texts, csv_path, tmp / "outputs", args.concurrency,
+                                                      server_pids))
                     settings = RunSettings(measurement_ms=2000, max_trials=6, stability_percent=args.stability)
                     attempt("d", lambda: bench_perf(target, texts, args.perf_out or tmp / "perf",
                                                     args.perf or ["64:1,2,4", "1:1,4,16"], settings))

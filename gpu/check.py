@@ -410,9 +410,12 @@ def unpack(carry: Path, work: Path) -> dict:
               str(st / "model.safetensors"), metadata={"format": "pt"})
     extra = work / "extra"
     wheels = sorted((carry / "wheels").glob("*.whl"))
-    if wheels:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                        "--target", str(extra)] + [str(w) for w in wheels], check=True)
+    if wheels:  # only contender c needs them; without them it fails and says so
+        installed = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                                    "--no-compile", "--target", str(extra)] + [str(w) for w in wheels],
+                                   capture_output=True, text=True)
+        if installed.returncode != 0:
+            log(f"could not install {[w.name for w in wheels]}: {installed.stderr.strip()[-300:]}")
     return {"site": site_dir, "cache": cache, "stubenv": stubenv, "stub_python": stubenv / "bin" / "python3",
             "stub_numpy": stub_numpy, "repository": repository, "st": st, "extra": extra, "carried_ids": carried,
             "manifest": manifest}
@@ -510,93 +513,124 @@ def targets(bench: dict | None, sweep_rows: list[dict], served: dict | None, ser
     return lines
 
 
+def run_benchmarks(command: list[str], env: dict, log_path: Path, timeout_s: float) -> int | None:
+    """benchmarks/run.py in a child; on timeout SIGTERM (it stops its Triton cleanly), then SIGKILL."""
+    with open(log_path, "w") as handle:
+        child = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        try:
+            return child.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            log(f"benchmarks: over {timeout_s:.0f}s, stopping them")
+            child.terminate()
+            try:
+                child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            return None
+
+
 def device(args) -> int:
     started = time.monotonic()
     out, work, carry = args.out.resolve(), args.work.resolve(), args.carry.resolve()
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results"
     results.mkdir(exist_ok=True)
+    import numpy
     import torch
 
     device_name = "cuda" if torch.cuda.is_available() else "cpu"
     env = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
-           "device": torch.cuda.get_device_name(0) if device_name == "cuda" else "cpu"}
-    import numpy
-
-    env["numpy_main_env"] = numpy.__version__
+           "device": torch.cuda.get_device_name(0) if device_name == "cuda" else "cpu", "numpy_main_env": numpy.__version__}
     log(f"device: {env}")
-    paths = unpack(carry, work)
-    env["stub_numpy"] = paths["stub_numpy"]
-    log(f"unpacked in {time.monotonic() - started:.0f}s: stub environment numpy {paths['stub_numpy']}")
-    reference = json.loads(lzma.decompress((carry / "reference.json.xz").read_bytes()))
-    from benchmarks.sentences import benchmark_sentences
+    report: dict = {"env": env, "carry": {}, "errors": [], "parity_in_process": None, "parity_served": None}
+    bench, sweep_rows, served = None, [], None
 
-    sentences, _ = benchmark_sentences(args.sentences)
-    check_coverage(paths, reference["texts"] + sentences + smoke_texts())
-    report: dict = {"env": env, "carry": {k: paths["manifest"][k] for k in ("embedding_rows", "vocab_size",
-                                                                             "source_weights_sha256")}}
-    report["parity_in_process"] = parity_in_process(paths["repository"], reference, device_name)
-    log(f"in-process parity: {json.dumps(report['parity_in_process'])}")
-
-    sub_env = dict(os.environ)
-    sub_env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (paths["site"], ROOT / "server", ROOT / "client", ROOT,
-                                                             paths["extra"]) if Path(p).exists())
-    bench = None
-    if not args.skip_bench:
-        bench_dir = results / "benchmarks"
-        command = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--device", device_name,
-                   "--model-repository", str(paths["repository"]), "--st-model", str(paths["st"]),
-                   "--stub-python", str(paths["stub_python"]), "--sentences", str(args.sentences),
-                   "--results", str(bench_dir), "--doc", str(bench_dir / "benchmarks.md"), "--perf-out", str(bench_dir / "perf"),
-                   "--stability", str(args.stability)]
-        for workload in args.bench_perf:
-            command += ["--perf", workload]
-        log("benchmarks: " + " ".join(command))
-        with open(results / "benchmarks.log", "w") as handle:
-            code = subprocess.run(command, env=sub_env, stdout=handle, stderr=subprocess.STDOUT,
-                                  timeout=args.bench_timeout).returncode
-        found = sorted(bench_dir.glob("*.json"))
-        bench = json.loads(found[0].read_text()) if found else None
-        log(f"benchmarks exited {code}; {bench_dir}")
-
-    sweep_rows: list[dict] = []
-    served = None
-    if not args.skip_sweep:
-        from perf.analyzer import PerfAnalyzer, RunSettings
-        from perf.load import Workload
-        from perf.report import metadata, write_sweep
-        from perf.sweep import run_variants
-        from perf.variants import grid, parse_preferred, read_settings
-
-        def on_ready(target, _served):
-            nonlocal served
-            served = parity_served(target, reference)
-            log(f"served parity ({target.model}): {json.dumps(served['validation']['all_tasks'])}")
-
-        analyzer = PerfAnalyzer.locate()
-        settings = RunSettings(measurement_ms=args.measurement_ms, max_trials=6, stability_percent=args.stability)
-        base = read_settings((paths["repository"] / MODEL / "config.pbtxt").read_text())
-        variants = grid([int(x) for x in args.instances.split(",")], [int(x) for x in args.queue_delays.split(",")],
-                        [parse_preferred(p) for p in args.preferred])
-        texts = sentences[:1024]
+    def step(name: str, function):
+        """Run one step; a failure is recorded and the next step still runs."""
+        begun = time.monotonic()
         try:
-            sweep_errors: list[str] = []
-            sweep_rows = run_variants(analyzer, paths["repository"], MODEL, variants, texts,
-                                      [Workload.parse(w) for w in args.sweep_perf], results / "sweep", settings,
-                                      stub_python=paths["stub_python"], on_ready=on_ready, log=log, errors=sweep_errors)
-            report["sweep_failed_runs"] = sweep_errors
-            if not sweep_rows:
-                raise RuntimeError("no sweep run succeeded")
-            report["sweep_table"] = write_sweep(sweep_rows, results / "sweep",
-                                                metadata(analyzer, settings, texts, "benchmark sentences"), base, MODEL)
-        except Exception as exc:  # noqa: BLE001 - keep what was measured; the summary says what failed
-            report["sweep_error"] = f"{type(exc).__name__}: {exc}"
-            log(f"sweep failed: {exc}")
+            return function()
+        except Exception as exc:  # noqa: BLE001 - the summary must come back whatever failed
+            report["errors"].append(f"{name}: {type(exc).__name__}: {exc}")
+            log(f"{name} FAILED: {exc}")
+            return None
+        finally:
+            log(f"{name}: {time.monotonic() - begun:.0f}s")
+
+    def prepare_all():
+        paths = unpack(carry, work)
+        env["stub_numpy"] = paths["stub_numpy"]
+        report["carry"] = {k: paths["manifest"][k] for k in ("embedding_rows", "vocab_size", "source_weights_sha256")}
+        reference = json.loads(lzma.decompress((carry / "reference.json.xz").read_bytes()))
+        from benchmarks.sentences import benchmark_sentences
+
+        sentences, _ = benchmark_sentences(args.sentences)
+        check_coverage(paths, reference["texts"] + sentences + smoke_texts())
+        return paths, reference, sentences
+
+    prepared = step("unpack", prepare_all)
+    if prepared:
+        paths, reference, sentences = prepared
+        report["parity_in_process"] = step("in-process parity",
+                                           lambda: parity_in_process(paths["repository"], reference, device_name))
+        sub_env = dict(os.environ)
+        sub_env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (paths["site"], ROOT / "server", ROOT / "client", ROOT,
+                                                                 paths["extra"]) if Path(p).exists())
+        if not args.skip_bench:
+            def benchmarks():
+                bench_dir = results / "benchmarks"
+                command = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--device", device_name,
+                           "--model-repository", str(paths["repository"]), "--st-model", str(paths["st"]),
+                           "--stub-python", str(paths["stub_python"]), "--sentences", str(args.sentences),
+                           "--results", str(bench_dir), "--doc", str(bench_dir / "benchmarks.md"),
+                           "--perf-out", str(bench_dir / "perf"), "--stability", str(args.stability)]
+                for workload in args.bench_perf:
+                    command += ["--perf", workload]
+                log("benchmarks: " + " ".join(command))
+                code = run_benchmarks(command, sub_env, results / "benchmarks.log", args.bench_timeout)
+                if code != 0:
+                    report["errors"].append(f"benchmarks/run.py exited {code} (see results/benchmarks.log)")
+                found = sorted(bench_dir.glob("*.json"))
+                return json.loads(found[0].read_text()) if found else None
+
+            bench = step("benchmarks", benchmarks)
+        if not args.skip_sweep:
+            def sweep():
+                nonlocal sweep_rows
+                from perf.analyzer import PerfAnalyzer, RunSettings
+                from perf.load import Workload
+                from perf.report import metadata, write_sweep
+                from perf.sweep import run_variants
+                from perf.variants import grid, parse_preferred, read_settings
+
+                def on_ready(target, _served):
+                    nonlocal served
+                    served = step("served parity", lambda: parity_served(target, reference))
+                    if served:
+                        log(f"served parity ({target.model}): {json.dumps(served['validation']['all_tasks'])}")
+
+                analyzer = PerfAnalyzer.locate()
+                settings = RunSettings(measurement_ms=args.measurement_ms, max_trials=6, stability_percent=args.stability)
+                base = read_settings((paths["repository"] / MODEL / "config.pbtxt").read_text())
+                variants = grid([int(x) for x in args.instances.split(",")], [int(x) for x in args.queue_delays.split(",")],
+                                [parse_preferred(p) for p in args.preferred])
+                texts = sentences[:1024]
+                failed: list[str] = []
+                sweep_rows = run_variants(analyzer, paths["repository"], MODEL, variants, texts,
+                                          [Workload.parse(w) for w in args.sweep_perf], results / "sweep", settings,
+                                          stub_python=paths["stub_python"], on_ready=on_ready, log=log, errors=failed)
+                report["sweep_failed_runs"] = failed
+                if sweep_rows:
+                    report["sweep_table"] = write_sweep(sweep_rows, results / "sweep",
+                                                        metadata(analyzer, settings, texts, "benchmark sentences"), base, MODEL)
+
+            step("sweep", sweep)
     report["parity_served"] = served
     report["targets"] = targets(bench, sweep_rows, served, "float16" if device_name == "cuda" else "float32")
     report["seconds"] = round(time.monotonic() - started, 1)
     write_outputs(out, results, report, bench)
-    return 0 if served and not report.get("sweep_error") and (args.skip_bench or bench) else 1
+    return 1 if report["errors"] or report.get("sweep_failed_runs") else 0
 
 
 def parity_table(report: dict) -> str:
@@ -624,8 +658,8 @@ def write_outputs(out: Path, results: Path, report: dict, bench: dict | None) ->
                   bench_md.read_text() if bench_md else json.dumps(bench.get("results"), indent=1)]
     if report.get("sweep_table"):
         lines += ["", "## Batching sweep (python -m perf sweep equivalent)", "", report["sweep_table"]]
-    if report.get("sweep_error"):
-        lines += ["", f"Sweep error: {report['sweep_error']}"]
+    if report.get("errors"):
+        lines += ["", "## Errors", ""] + [f"- {e}" for e in report["errors"]]
     if report.get("sweep_failed_runs"):
         lines += ["", "Failed sweep runs:"] + [f"- {e}" for e in report["sweep_failed_runs"]]
     (out / "summary.md").write_text("\n".join(lines) + "\n")

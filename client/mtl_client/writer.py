@@ -34,7 +34,9 @@ class _TaskFile:
             self.columns += [f"prob_{label}" for label in task.labels]
         self.columns.append("truncated")
         if fmt == "csv":
-            self.csv = csv.writer(handle, lineterminator="\n")
+            # QUOTE_MINIMAL only quotes the line terminator's own characters: with "\n" a bare CR in a text
+            # would go out unquoted and split the row when read back, so keep the default "\r\n".
+            self.csv = csv.writer(handle)
             self.csv.writerow(self.columns)
 
     def write(self, row_id, text: str, result: TaskPrediction | None, truncated: bool | None) -> None:

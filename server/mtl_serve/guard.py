@@ -30,7 +30,7 @@ DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 UPSTREAM_TIMEOUT_S = 600.0
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te", "trailer",
-    "transfer-encoding", "upgrade", "host", "content-length", "content-type", "content-encoding",
+    "transfer-encoding", "upgrade", "host", "content-length", "content-type", "content-encoding", "expect",
 })
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -280,3 +280,38 @@ class HttpGuard:
         self._server.server_close()
         self._server.close_connections()
         self._thread.join(timeout=5)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m mtl_serve.guard --listen 127.0.0.1:8000 --upstream 127.0.0.1:18000`: the guard alone,
+    e.g. in front of a Triton container whose HTTP port is published to the guard only."""
+    import argparse
+    import signal
+    import sys
+
+    def address(value: str) -> tuple[str, int]:
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit():
+            raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+        return host, int(port)
+
+    parser = argparse.ArgumentParser(prog="python -m mtl_serve.guard", description=main.__doc__)
+    parser.add_argument("--listen", type=address, required=True, help="HOST:PORT clients connect to")
+    parser.add_argument("--upstream", type=address, required=True, help="HOST:PORT of Triton's HTTP (or metrics)")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="mtl-serve guard: %(message)s")
+    try:
+        guard = HttpGuard(*args.listen, *args.upstream, max_body_bytes=args.max_body_bytes).start()
+    except OSError as exc:
+        sys.exit(f"mtl-serve guard: error: cannot listen on {args.listen[0]}:{args.listen[1]}: {exc.strerror}")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"guarding http://{args.upstream[0]}:{args.upstream[1]} on http://{args.listen[0]}:{guard.port}", flush=True)
+    stop.wait()
+    guard.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .guard import DEFAULT_MAX_BODY_BYTES, HttpGuard
+# The guard module is imported where it is used, so that `python -m mtl_serve.guard` runs it cleanly.
 
 TRITON_VERSION = "2.51.0"
 STUB_NAME = "triton_python_backend_stub"
@@ -180,7 +180,7 @@ class LocalTriton:
     grpc_ssl_mutual: bool = False
     restricted_apis: tuple[str, ...] = RESTRICTED_APIS
     http_guard: bool = True
-    max_http_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_http_body_bytes: int = 64 * 1024 * 1024  # mtl_serve.guard.DEFAULT_MAX_BODY_BYTES
     # glibc's dynamic mmap threshold lets the stub's heap keep every activation buffer it ever freed: under
     # mixed short/long batches its RSS grew by ~650 MiB in 80 s and kept growing. Buffers of 2 MiB and more
     # (the long-row activations) are mmapped at this fixed threshold and go back to the OS when freed.
@@ -206,7 +206,7 @@ class LocalTriton:
         self.failure: str | None = None
         self._restart_times: list[float] = []
         self._stubs: dict[int, str] = {}
-        self._guards: list[HttpGuard] = []
+        self._guards: list = []  # mtl_serve.guard.HttpGuard
         self._triton_http_port = self._triton_metrics_port = 0
         self._lock = threading.RLock()
         self._stopping = threading.Event()
@@ -326,6 +326,8 @@ class LocalTriton:
         return self
 
     def _start_guards(self) -> None:
+        from .guard import HttpGuard
+
         for attr in ("_triton_http_port", "_triton_metrics_port"):
             if not getattr(self, attr) or not port_is_free(getattr(self, attr)):
                 setattr(self, attr, free_port())
