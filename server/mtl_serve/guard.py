@@ -15,6 +15,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import re
 import socket
 import threading
 import zlib
@@ -42,6 +43,10 @@ class Rejected(Exception):
         super().__init__(message)
         self.status = status
         self.close = close
+
+
+def _whole_number(value: str) -> bool:
+    return re.fullmatch(r"[0-9]{1,15}", value.strip()) is not None
 
 
 def check_json(document: bytes) -> None:
@@ -85,7 +90,7 @@ def vet(method: str, headers, body: bytes, max_body_bytes: int) -> tuple[bytes, 
     json_length = len(body)
     declared = headers.get(HEADER_LENGTH)
     if declared is not None:
-        if not declared.strip().isdigit() or int(declared) > len(body):
+        if not _whole_number(declared) or int(declared) > len(body):
             raise Rejected(HTTPStatus.BAD_REQUEST,
                            f"{HEADER_LENGTH} must be a whole number of bytes no larger than the body "
                            f"({len(body):,}), got {declared!r}")
@@ -145,7 +150,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None:
             return b""
-        if not length.strip().isdigit():
+        if not _whole_number(length):
             raise Rejected(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length!r}", close=True)
         size = int(length)
         if size > self.server.max_body_bytes:

@@ -93,7 +93,7 @@ def prepare_runtime(target: Path | None = None) -> Path:
 def check_stub_environment(python: Path) -> str:
     """Prove the stub's Python can import the model's modules with numpy<2; return its numpy version."""
     probe = (
-        "import importlib, sys\n"
+        "import importlib.util, sys\n"
         f"mods = {STUB_MODULES!r}\n"
         "missing = [m for m in mods if importlib.util.find_spec(m) is None]\n"
         "if missing: sys.exit('missing modules: ' + ', '.join(missing))\n"
