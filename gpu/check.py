@@ -48,6 +48,7 @@ ST_FILES = ("config.json", "modules.json", "sentence_bert_config.json", "config_
 TRITONCLIENT = "tritonclient==2.73.0"
 RAPIDJSON = "python-rapidjson==1.25"
 LIMIT_BYTES = 64 * 1024 * 1024
+SWEEP_RESERVE_S = 150  # six variants loading (~40 s on the H100 probe's numbers) plus 12 short perf_analyzer runs
 
 
 def log(message: str) -> None:
@@ -588,7 +589,9 @@ def device(args) -> int:
                 for workload in args.bench_perf:
                     command += ["--perf", workload]
                 log("benchmarks: " + " ".join(command))
-                code = run_benchmarks(command, sub_env, results / "benchmarks.log", args.bench_timeout)
+                # Leave the sweep its share of the call's time.
+                budget = max(60.0, min(args.bench_timeout, args.deadline_s - (time.monotonic() - started) - SWEEP_RESERVE_S))
+                code = run_benchmarks(command, sub_env, results / "benchmarks.log", budget)
                 if code != 0:
                     report["errors"].append(f"benchmarks/run.py exited {code} (see results/benchmarks.log)")
                 found = sorted(bench_dir.glob("*.json"))
@@ -625,7 +628,10 @@ def device(args) -> int:
                     report["sweep_table"] = write_sweep(sweep_rows, results / "sweep",
                                                         metadata(analyzer, settings, texts, "benchmark sentences"), base, MODEL)
 
-            step("sweep", sweep)
+            if args.deadline_s - (time.monotonic() - started) < SWEEP_RESERVE_S:
+                report["errors"].append(f"sweep skipped: less than {SWEEP_RESERVE_S:.0f}s left of --deadline-s {args.deadline_s:.0f}")
+            else:
+                step("sweep", sweep)
     report["parity_served"] = served
     report["targets"] = targets(bench, sweep_rows, served, "float16" if device_name == "cuda" else "float32")
     report["seconds"] = round(time.monotonic() - started, 1)
@@ -694,6 +700,8 @@ def main() -> int:
     d.add_argument("--preferred", action="append", default=None)
     d.add_argument("--measurement-ms", type=int, default=2000)
     d.add_argument("--stability", type=int, default=50)
+    d.add_argument("--deadline-s", type=float, default=420,
+                   help="seconds the whole check may take (the device call's timeout less a margin)")
     d.add_argument("--skip-bench", action="store_true")
     d.add_argument("--skip-sweep", action="store_true")
     args = parser.parse_args()

@@ -44,36 +44,6 @@ class Workload:
         return workload
 
 
-class Target:
-    """Where perf_analyzer sends requests, and how to tell that the model still works."""
-
-    grpc_url: str
-    model: str
-
-    def infer(self, texts: list[str]) -> dict[str, list]:  # pragma: no cover - interface
-        """One request of len(texts) rows: {output name: flat values}."""
-        raise NotImplementedError
-
-    def check(self, texts: list[str]) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def request_seconds(self, texts: list[str], size: int) -> float:
-        """The faster of two timed requests of `size` sentences (the model is warm after check())."""
-        batch = (texts * (size // len(texts) + 1))[:size]
-        timings = []
-        for _ in range(2):
-            started = time.perf_counter()
-            self.infer(batch)
-            timings.append(time.perf_counter() - started)
-        return min(timings)
-
-    def still_healthy(self) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def describe(self) -> dict:
-        return {"grpc_url": self.grpc_url, "model": self.model}
-
-
 def _probabilities_ok(outputs: dict[str, list], rows: int) -> str | None:
     """None when every FP32 output holds `rows` probability rows summing to 1; else what is wrong."""
     tasks = {name: values for name, values in outputs.items() if name != "TRUNCATED"}
@@ -88,6 +58,60 @@ def _probabilities_ok(outputs: dict[str, list], rows: int) -> str | None:
             if abs(total - 1.0) > 1e-3:
                 return f"output {name} row {row} sums to {total}"
     return None
+
+
+class Target:
+    """Where perf_analyzer sends requests, and how to tell that the model still works."""
+
+    grpc_url: str
+    model: str
+
+    def infer(self, texts: list[str]) -> dict[str, list]:  # pragma: no cover - interface
+        """One request of len(texts) rows: {output name: flat values}."""
+        raise NotImplementedError
+
+    def ready(self) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def where(self) -> str:
+        return self.grpc_url
+
+    def server_failure(self) -> str | None:
+        """What went wrong with a server this tool started (a stub restart, an exit); None if nothing."""
+        return None
+
+    def check(self, texts: list[str]) -> None:
+        """READY, and real answers to a 2-sentence and a 64-sentence request (which also warms the model up)."""
+        if not self.ready():
+            raise PerfError(f"model {self.model} is not READY at {self.where()} (or the server is unreachable): "
+                            "refusing to load-test it")
+        for batch in (list(SMOKE_TEXTS), texts[:64]):
+            problem = _probabilities_ok(self.infer(batch), len(batch))
+            if problem:
+                raise PerfError(f"model {self.model} answered a smoke request wrongly: {problem}")
+
+    def still_healthy(self) -> None:
+        failure = self.server_failure()
+        if failure:
+            raise PerfError(f"the server failed during the run: {failure}")
+        if not self.ready():
+            raise PerfError(f"model {self.model} at {self.where()} is no longer READY")
+        problem = _probabilities_ok(self.infer(list(SMOKE_TEXTS)), len(SMOKE_TEXTS))
+        if problem:
+            raise PerfError(f"model {self.model} answers wrongly after the run: {problem}")
+
+    def request_seconds(self, texts: list[str], size: int) -> float:
+        """The faster of two timed requests of `size` sentences (the model is warm after check())."""
+        batch = (texts * (size // len(texts) + 1))[:size]
+        timings = []
+        for _ in range(2):
+            started = time.perf_counter()
+            self.infer(batch)
+            timings.append(time.perf_counter() - started)
+        return min(timings)
+
+    def describe(self) -> dict:
+        return {"grpc_url": self.grpc_url, "model": self.model}
 
 
 class LocalTarget(Target):
@@ -112,25 +136,17 @@ class LocalTarget(Target):
             raise PerfError(f"model {self.model} did not answer a {len(texts)}-sentence request: {exc}") from None
         return {o["name"]: o["data"] for o in payload.get("outputs", [])}
 
-    def check(self, texts: list[str]) -> None:
-        if not self.server.is_ready(self.model):
-            raise PerfError(f"model {self.model} is not READY on {self.server.http_url}")
-        for batch in (list(SMOKE_TEXTS), texts[:64]):  # the 64-row request also warms the model up
-            problem = _probabilities_ok(self.infer(batch), len(batch))
-            if problem:
-                raise PerfError(f"model {self.model} answered a smoke request wrongly: {problem}")
+    def ready(self) -> bool:
+        return self.server.is_ready(self.model)
 
-    def still_healthy(self) -> None:
-        failure = getattr(self.server, "failure", None)
-        restarts = getattr(self.server, "restarts", 0)
+    def where(self) -> str:
+        return self.server.http_url
+
+    def server_failure(self) -> str | None:
+        failure, restarts = getattr(self.server, "failure", None), getattr(self.server, "restarts", 0)
         if failure or restarts:
-            raise PerfError(f"the server failed during the run ({failure or f'{restarts} restart(s) after a stub died'}); "
-                            f"log: {self.server.log_file}")
-        if not self.server.is_ready(self.model):
-            raise PerfError(f"model {self.model} is no longer READY; log: {self.server.log_file}")
-        problem = _probabilities_ok(self.infer(list(SMOKE_TEXTS)), len(SMOKE_TEXTS))
-        if problem:
-            raise PerfError(f"model {self.model} answers wrongly after the run: {problem}")
+            return f"{failure or f'{restarts} restart(s) after a python-backend stub died'} (log: {self.server.log_file})"
+        return None
 
     def describe(self) -> dict:
         return {**super().describe(), "server": "LocalTriton (Triton 2.51.0 from nvidia-pytriton)",
@@ -172,7 +188,7 @@ class RemoteTarget(Target):
             raise PerfError(f"model {self.model} at {self.grpc_url} failed a {len(texts)}-sentence request: "
                             f"{exc.message()}{hint}; refusing to load-test it") from None
 
-    def _ready(self) -> bool:
+    def ready(self) -> bool:
         grpcclient = self._client()
         from tritonclient.utils import InferenceServerException
 
@@ -181,22 +197,6 @@ class RemoteTarget(Target):
                 return client.is_server_live() and client.is_model_ready(self.model)
         except InferenceServerException:
             return False
-
-    def check(self, texts: list[str]) -> None:
-        if not self._ready():
-            raise PerfError(f"model {self.model} is not READY at {self.grpc_url} (or the server is unreachable): "
-                            "refusing to load-test it")
-        for batch in (list(SMOKE_TEXTS), texts[:64]):
-            problem = _probabilities_ok(self.infer(batch), len(batch))
-            if problem:
-                raise PerfError(f"model {self.model} answered a smoke request wrongly: {problem}")
-
-    def still_healthy(self) -> None:
-        if not self._ready():
-            raise PerfError(f"model {self.model} at {self.grpc_url} is no longer READY")
-        problem = _probabilities_ok(self.infer(list(SMOKE_TEXTS)), len(SMOKE_TEXTS))
-        if problem:
-            raise PerfError(f"model {self.model} answers wrongly after the run: {problem}")
 
 
 @contextmanager
