@@ -1,13 +1,13 @@
 """Write the Triton model repository: config.pbtxt, weights, tokenizer, manifest, and model.py beside them."""
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 from safetensors.torch import save_file
 
+from .backbone import sha256_file
 from .config import ProjectConfig
 from .serving_core import SOURCE_FILES, TEMPLATE_DIR, core
 from .train import EagerMultiTask
@@ -57,10 +57,6 @@ def render_config_pbtxt(config: ProjectConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def export_artifacts(config: ProjectConfig, model: EagerMultiTask, backbone_dir: Path, staging: Path) -> None:
     """Write the generated files of the version folder into staging/ (config.pbtxt included)."""
     staging.mkdir(parents=True, exist_ok=True)
@@ -70,7 +66,7 @@ def export_artifacts(config: ProjectConfig, model: EagerMultiTask, backbone_dir:
     encoder_config = json.dumps(model.bert.config.to_dict(), indent=2, sort_keys=True) + "\n"
     (staging / core.ENCODER_CONFIG_FILE).write_text(encoder_config, encoding="utf-8")
     artifacts = [core.WEIGHTS_FILE, core.TOKENIZER_FILE, core.ENCODER_CONFIG_FILE]
-    manifest = {"sha256": {name: _sha256(staging / name) for name in artifacts}}
+    manifest = {"sha256": {name: sha256_file(staging / name) for name in artifacts}}
     (staging / core.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     (staging / "config.pbtxt").write_text(render_config_pbtxt(config), encoding="utf-8")
     for name in SOURCE_FILES:
