@@ -127,7 +127,12 @@ class OthersCpu:
 
 
 # -- a. SentenceTransformer -------------------------------------------------------------------------------
-def bench_sentence_transformer(texts: list[str], device: str, model_path: Path | None = None) -> dict:
+def bench_sentence_transformer(texts: list[str], device: str, model_path: Path | None = None,
+                               served_dtype=None) -> dict:
+    """`served_dtype`: when the server runs a reduced type (float16 on a GPU, bfloat16 on an AMX CPU), encode(all)
+    is also timed in that type, for a like-for-like ratio."""
+    import torch
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
@@ -149,9 +154,9 @@ def bench_sentence_transformer(texts: list[str], device: str, model_path: Path |
     cpu = CpuClock()
     per_request = summary(per_call(lambda b: model.encode(b, batch_size=REQUEST), chunks(texts)), len(texts))
     result = {"model": str(model_path), "per_request": with_cpu(per_request, cpu.seconds()), "one_call": one_call()}
-    if device.startswith("cuda"):
-        model.half()  # what the served model runs on a GPU
-        result["one_call_fp16"] = one_call()
+    if served_dtype is not None and served_dtype != torch.float32:
+        model.to(served_dtype)
+        result["one_call_reduced"] = {**one_call(), "dtype": str(served_dtype).removeprefix("torch.")}
     return result
 
 
@@ -180,14 +185,14 @@ def bench_raw(repository: Path, texts: list[str], device_name: str) -> dict:
     core, folder, spec = load_core(repository)
     core.verify_artifacts(folder)
     device = torch.device(device_name)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = core.pick_dtype(device, spec.precision)  # as model.py
     model = core.load_model(folder, spec, device, dtype)
     tokenizer = core.load_tokenizer(folder / core.TOKENIZER_FILE, spec.max_tokens)
-    chunk_rows = 256 if device.type == "cuda" else 32  # as model.py
+    token_budget = core.forward_token_budget(device)  # as model.py
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def forward(batch):
-        core.predict_probabilities(model, batch, device, chunk_rows)
+        core.predict_probabilities(model, batch, device, token_budget)
         sync()
 
     def tokenize_forward(batch_texts):
@@ -201,38 +206,38 @@ def bench_raw(repository: Path, texts: list[str], device_name: str) -> dict:
     cpu = CpuClock()
     end_to_end = with_cpu(summary(per_call(tokenize_forward, batches), len(texts)), cpu.seconds())
     return {"forward": forward_only, "tokenize_forward": end_to_end,
-            "dtype": str(dtype).replace("torch.", ""), "chunk_rows": chunk_rows,
+            "dtype": str(dtype).replace("torch.", ""), "token_budget": token_budget,
             "torch_threads": torch.get_num_threads()}
 
 
 def padding_profile(repository: Path, texts: list[str]) -> dict:
-    """Tokens each contender's batching makes the encoder compute, as a share of the real tokens.
+    """Padded tokens per real token that each contender's batching feeds the encoder.
 
-    At these lengths (~25 tokens) the dense layers dominate, so compute is close to proportional to
-    padded tokens: a contender that pads less does less work for the same sentences.
+    SentenceTransformer's dense layers and attention both run on the padded grid. The served encoder runs
+    its dense layers (most of the work at ~25 tokens) on the real tokens only, so for it the grid size
+    matters to attention alone.
     """
+    import torch
+
     core, folder, spec = load_core(repository)
     tokenizer = core.load_tokenizer(folder / core.TOKENIZER_FILE, spec.max_tokens)
     lengths = np.concatenate([core.tokenize(tokenizer, b, spec.max_tokens).mask.sum(axis=1) for b in chunks(texts, 256)])
     real = int(lengths.sum())
+    budget = core.forward_token_budget(torch.device("cpu"))
 
-    def padded(groups, chunk):
-        total = 0
-        for group in groups:
-            ordered = np.sort(group)[::-1]  # model.py / predict_probabilities: longest first, chunks of `chunk`
-            total += sum(int(ordered[i]) * len(ordered[i:i + chunk]) for i in range(0, len(ordered), chunk))
-        return total
+    def grid(groups) -> int:  # the served plan: longest first, chunks within the token budget
+        return sum(int(g[rows].max()) * len(rows) for g in groups for rows in core.plan_chunks(g, budget))
 
-    in_order = [lengths[i:i + REQUEST] for i in range(0, len(lengths), REQUEST)]
-    merged = [lengths[i:i + 4 * REQUEST] for i in range(0, len(lengths), 4 * REQUEST)]
+    def split(values, size):
+        return [values[i:i + size] for i in range(0, len(values), size)]
+
     cases = {
-        "a. SentenceTransformer.encode(all): global length sort, batches of 64": padded([lengths], REQUEST),
-        "64-sentence batch padded to its longest row (no sorting)": sum(int(g.max()) * len(g) for g in in_order),
-        "b/served, one 64-sentence request per batch: sorted, chunks of 32": padded(in_order, 32),
-        "served, 4 requests merged into a 256-row dynamic batch: sorted, chunks of 32": padded(merged, 32),
-        "idea: the same with chunks of 8": padded(merged, 8),
-        "idea: the client sorts all rows by length before forming 64-sentence requests": padded(
-            [g for g in np.split(np.sort(lengths)[::-1], range(REQUEST, len(lengths), REQUEST))], 32),
+        "a. SentenceTransformer.encode(all): global length sort, batches of 64 (dense + attention)":
+            sum(int(g.max()) * len(g) for g in split(np.sort(lengths)[::-1], REQUEST)),
+        "a. one encode call per 64 sentences (dense + attention)": sum(int(g.max()) * len(g) for g in split(lengths, REQUEST)),
+        f"served, one 64-sentence request per dynamic batch (attention only; budget {budget})": grid(split(lengths, REQUEST)),
+        f"served, 4 requests merged into a 256-row dynamic batch (attention only; budget {budget})": grid(split(lengths, 4 * REQUEST)),
+        "served dense layers (real tokens only)": real,
     }
     return {"real_tokens": real, "mean_tokens": round(real / len(texts), 1),
             "padded_over_real": {name: round(value / real, 3) for name, value in cases.items()}}
@@ -346,8 +351,9 @@ def ratios(results: dict) -> dict:
         if "one_call" in a:
             out[f"c({c_key})/a(one call)"] = round(value / a["one_call"]["sentences_per_s"], 3)
             out[f"c({c_key})/a(per 64)"] = round(value / a["per_request"]["sentences_per_s"], 3)
-        if "one_call_fp16" in a:
-            out[f"c({c_key})/a(one call, fp16)"] = round(value / a["one_call_fp16"]["sentences_per_s"], 3)
+        if "one_call_reduced" in a:
+            reduced = a["one_call_reduced"]
+            out[f"c({c_key})/a(one call, {reduced['dtype']})"] = round(value / reduced["sentences_per_s"], 3)
         per_cpu = c[c_key].get("sentences_per_cpu_s")
         if per_cpu and "sentences_per_cpu_s" in a.get("one_call", {}):
             out[f"per CPU-second: c({c_key})/a(one call)"] = round(per_cpu / a["one_call"]["sentences_per_cpu_s"], 3)
@@ -371,8 +377,9 @@ def table(results: dict) -> str:
     if a:
         add("a. SentenceTransformer.encode(all, batch_size=64)", a["one_call"])
         add("a. SentenceTransformer.encode, one call per 64 sentences", a["per_request"], "one 64-sentence call")
-        if "one_call_fp16" in a:
-            add("a. SentenceTransformer.encode(all, batch_size=64), model.half()", a["one_call_fp16"])
+        if "one_call_reduced" in a:
+            add(f"a. SentenceTransformer.encode(all, batch_size=64), model.to({a['one_call_reduced']['dtype']})",
+                a["one_call_reduced"])
     if b:
         add(f"b1. multitask_core forward only ({b['dtype']}, pre-tokenized)", b["forward"], "one 64-sentence batch")
         add("b2. multitask_core tokenize + forward", b["tokenize_forward"], "one 64-sentence batch")
@@ -424,7 +431,7 @@ def markdown(report: dict) -> str:
                               f"{r['server_compute_output_us'] / 1000:.1f}" for r in d_rows)]
     if report.get("padding"):
         pad = report["padding"]
-        lines += ["", f"Tokens the encoder computes per real token ({pad['mean_tokens']} real tokens per sentence): "
+        lines += ["", f"Padded tokens per real token ({pad['mean_tokens']} real tokens per sentence): "
                   + "; ".join(f"{k}: {v}" for k, v in pad["padded_over_real"].items())]
     if report.get("errors"):
         lines += ["", "Errors: " + "; ".join(report["errors"])]
@@ -525,7 +532,10 @@ def main(argv: list[str] | None = None) -> int:
         report["padding"] = padding_profile(repository, texts)
     except Exception as exc:  # noqa: BLE001 - a diagnostic, not a contender
         report["errors"].append(f"padding profile: {exc}")
-    attempt("a", lambda: bench_sentence_transformer(texts, device, args.st_model))
+    core, _, spec = load_core(repository)
+    served_dtype = core.pick_dtype(torch.device(device), spec.precision)
+    log(f"benchmarks: the server runs {served_dtype} on {device} (serving.precision {spec.precision})")
+    attempt("a", lambda: bench_sentence_transformer(texts, device, args.st_model, served_dtype))
     attempt("b", lambda: bench_raw(repository, texts, device))
     if not {"c", "d"} <= skip:
         from perf.analyzer import PerfError, RunSettings

@@ -114,13 +114,13 @@ def token_ids(core, tokenizer, texts: list[str], max_tokens: int) -> set[int]:
     return ids
 
 
-def probabilities(core, model, tokenizer, spec, texts: list[str], device, chunk_rows: int, batch: int = 256) -> dict:
+def probabilities(core, model, tokenizer, spec, texts: list[str], device, batch: int = 256) -> dict:
     import numpy as np
 
     parts: dict[str, list] = {}
     for start in range(0, len(texts), batch):
         out = core.predict_probabilities(model, core.tokenize(tokenizer, texts[start:start + batch], spec.max_tokens),
-                                         device, chunk_rows)
+                                         device)  # the served token budget for this device
         for name, values in out.items():
             parts.setdefault(name, []).append(values)
     return {name: np.concatenate(values) for name, values in parts.items()}
@@ -280,7 +280,7 @@ def reference(repository: Path, texts: list[str], validation_rows: list[int]) ->
     model = core.load_model(folder, spec, torch.device("cpu"), torch.float32)
     tokenizer = core.load_tokenizer(folder / core.TOKENIZER_FILE, spec.max_tokens)
     log(f"fp32 reference on the CPU for {len(texts)} sentences")
-    probs = probabilities(core, model, tokenizer, spec, texts, torch.device("cpu"), 32, batch=64)
+    probs = probabilities(core, model, tokenizer, spec, texts, torch.device("cpu"), batch=64)
     return {"texts": texts, "validation_rows": validation_rows,
             "tasks": {t.name: list(t.labels) for t in spec.tasks},
             "probabilities": {name: [[round(float(x), 6) for x in row] for row in values] for name, values in probs.items()},
@@ -451,7 +451,7 @@ def parity_in_process(repository: Path, reference: dict, device_name: str) -> di
     out = {}
     for dtype in ((torch.float16, torch.float32) if device.type == "cuda" else (torch.float32,)):
         model = core.load_model(folder, spec, device, dtype)
-        probs = probabilities(core, model, tokenizer, spec, texts, device, 256 if device.type == "cuda" else 32)
+        probs = probabilities(core, model, tokenizer, spec, texts, device)
         key = str(dtype).replace("torch.", "")
         out[key] = {"validation": agreement(reference, probs, reference["validation_rows"]),
                     "all_sentences": agreement(reference, probs, all_rows)}

@@ -176,12 +176,18 @@ def sweep_command(input_csv, text_column, max_sentences, workloads, measurement_
     settings = _settings(measurement_ms, max_trials, stability, run_timeout)
     out_dir.mkdir(parents=True, exist_ok=True)
     variants = grid(instances, queue_delays, preferred_sets)
+    errors: list[str] = []  # a run that fails (e.g. no stable window) is reported; the other variants still run
     try:
         analyzer = pa.PerfAnalyzer.locate(perf_analyzer)
         meta = metadata(analyzer, settings, texts, str(input_csv))
         rows = run_variants(analyzer, model_repository, model, variants, texts, workloads, out_dir, settings,
                             stub_python=stub_python, startup_timeout_s=startup_timeout,
-                            log=lambda m: click.echo(m, err=True))
+                            log=lambda m: click.echo(m, err=True), errors=errors)
     except (pa.PerfError, VariantError, OSError) as exc:
         _fail(exc)
-    click.echo(write_sweep(rows, out_dir, meta, base_settings, model))
+    if not rows:
+        _fail(pa.PerfError("no perf_analyzer run succeeded: " + "; ".join(errors)))
+    click.echo(write_sweep(rows, out_dir, meta, base_settings, model, errors))
+    if errors:
+        click.echo(f"perf: {len(errors)} run(s) failed; listed in {out_dir}/sweep.md", err=True)
+        sys.exit(1)

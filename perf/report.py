@@ -59,8 +59,10 @@ def sweep_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_sweep(rows: list[dict], out_dir: Path, meta: dict, base_settings: dict, model: str) -> str:
-    """sweep.csv, sweep.md, sweep_b<SENTENCES>.png per workload, summary.json; returns the table."""
+def write_sweep(rows: list[dict], out_dir: Path, meta: dict, base_settings: dict, model: str,
+                errors: list[str] = ()) -> str:
+    """sweep.csv, sweep.md, sweep_b<SENTENCES>.png per workload, summary.json; returns the table (and the
+    failed runs under it)."""
     write_csv(rows, out_dir / "sweep.csv")
     for size in sorted({r["sentences_per_request"] for r in rows}):
         series: dict[str, list[Measurement]] = {}
@@ -70,6 +72,9 @@ def write_sweep(rows: list[dict], out_dir: Path, meta: dict, base_settings: dict
                 series.setdefault(row["variant"], []).append(Measurement(**fields))
         plot(series, out_dir / f"sweep_b{size}.png", f"{size}-sentence requests: batching variants of {model}, {_where(meta)}")
     table = sweep_table(rows)
+    if errors:
+        table += "\n\nFailed runs (not in the table):\n" + "\n".join(f"- {error}" for error in errors)
     (out_dir / "sweep.md").write_text(table + "\n")
-    (out_dir / "summary.json").write_text(json.dumps({**meta, "base_config": base_settings, "results": rows}, indent=2) + "\n")
+    (out_dir / "summary.json").write_text(json.dumps({**meta, "base_config": base_settings, "results": rows,
+                                                      "errors": list(errors)}, indent=2) + "\n")
     return table

@@ -13,9 +13,12 @@ CONFIG = ROOT / "config.yaml"
 
 @pytest.fixture(scope="session")
 def built_repository(tmp_path_factory) -> Path:
-    """A model repository built by mtl-build (heads_only, fixed seed) from the project's own config and data.
+    """A model repository built by mtl-build (heads_only, float32, fixed seed) from the project's config and data.
 
-    MTL_TEST_REPOSITORY points at an already built one, to skip the ~30 s build when iterating locally.
+    float32, so that served results can be held to transformers' within 1e-4 (tests/e2e/test_parity.py);
+    tests/e2e/test_precision.py serves the same weights with serving.precision auto.
+    MTL_TEST_REPOSITORY points at an already built one (built with --precision float32), to skip the ~30 s
+    build when iterating locally.
     """
     existing = os.environ.get("MTL_TEST_REPOSITORY")
     if existing:
@@ -23,7 +26,7 @@ def built_repository(tmp_path_factory) -> Path:
     from mtl_build.cli import build
 
     output = tmp_path_factory.mktemp("model_repository")
-    build(CONFIG, output, mode="heads_only")
+    build(CONFIG, output, mode="heads_only", precision="float32")
     return output
 
 

@@ -23,18 +23,21 @@ from .serving_core import core
               help="Triton model repository to write; the model goes in <output>/<serving.model_name>/.")
 @click.option("--mode", type=click.Choice(["heads_only", "joint"]), default=None,
               help="Override training.mode: heads_only (frozen encoder, fast) or joint (fine-tune everything).")
-def main(config_path: Path, output: Path, mode: str | None) -> None:
+@click.option("--precision", type=click.Choice(["auto", "float32"]), default=None,
+              help="Override serving.precision: auto (float16 on a GPU, bfloat16 on an AMX CPU) or float32.")
+def main(config_path: Path, output: Path, mode: str | None, precision: str | None) -> None:
     """Build the multi-task model repository from CONFIG and its labelled data."""
     try:
-        build(config_path, output, mode)
+        build(config_path, output, mode, precision)
     except (ConfigError, BackboneError, DataError, core.ArtifactError) as exc:
         click.echo(f"mtl-build: error: {exc}", err=True)
         sys.exit(2)
 
 
-def build(config_path: Path, output: Path, mode: str | None = None) -> Path:
+def build(config_path: Path, output: Path, mode: str | None = None, precision: str | None = None) -> Path:
     # Imported here so that `mtl-build --help` and config errors answer without loading torch.
-    from .evaluate import ServedModel, evaluate, format_table, max_parity_gap, write_model_card
+    from .evaluate import (ServedModel, evaluate, format_precision, format_table, max_parity_gap, served_precision,
+                           write_model_card)
     from .export import export_artifacts, install_repository
     from .train import train
 
@@ -42,6 +45,8 @@ def build(config_path: Path, output: Path, mode: str | None = None) -> Path:
     config = load_config(config_path)
     if mode:
         config = config.model_copy(update={"training": config.training.model_copy(update={"mode": mode})})
+    if precision:
+        config = config.model_copy(update={"serving": config.serving.model_copy(update={"precision": precision})})
     backbone_dir = verify_backbone(config.backbone)
     echo = lambda message: click.echo(message, err=True)  # noqa: E731 - progress goes to stderr
     echo(f"backbone verified (SHA-256): {backbone_dir}")
@@ -60,8 +65,10 @@ def build(config_path: Path, output: Path, mode: str | None = None) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     export_artifacts(config, model, backbone_dir, staging)
     served = ServedModel.load(staging, config)
-    report = evaluate(config, served, validation)
+    probabilities = served.probabilities(validation.texts)
+    report = evaluate(config, probabilities, validation)
     parity = max_parity_gap(served, model, validation.texts[:64])
+    precision = served_precision(staging, config, probabilities, validation.texts)
     card = {
         "model_name": config.serving.model_name,
         "max_tokens": config.backbone.max_tokens,
@@ -77,11 +84,13 @@ def build(config_path: Path, output: Path, mode: str | None = None) -> Path:
         "validation_file": str(config.data.validation),
         "validation": report,
         "parity_max_abs_diff": parity,
+        "served_precision": precision,
     }
     write_model_card(staging, card)
     version_dir = install_repository(staging, output, config.serving.model_name)
 
     click.echo(format_table(report))
-    click.echo(f"\nserved-vs-transformers max |Δprob|: {parity:.2e}")
+    click.echo(f"\nserved-vs-transformers max |Δprob| (float32): {parity:.2e}")
+    click.echo(format_precision(precision))
     click.echo(f"wrote {version_dir} in {time.perf_counter() - started:.1f}s")
     return version_dir

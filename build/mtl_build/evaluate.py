@@ -20,22 +20,23 @@ MODEL_CARD_FILE = "MODEL_CARD.md"
 
 @dataclass
 class ServedModel:
-    """The exported artifacts loaded exactly as model.py loads them (CPU, fp32)."""
+    """The exported artifacts loaded exactly as model.py loads them, on the CPU (float32 unless told)."""
 
     model: "core.MultiTaskModel"
     tokenizer: object
     spec: "core.ServingSpec"
 
     @classmethod
-    def load(cls, version_dir: Path, config: ProjectConfig) -> "ServedModel":
+    def load(cls, version_dir: Path, config: ProjectConfig, dtype: torch.dtype = torch.float32) -> "ServedModel":
         core.verify_artifacts(version_dir)
         spec = core.ServingSpec(
             tuple(core.TaskSpec(t.name, tuple(t.labels)) for t in config.tasks),
             config.backbone.max_tokens,
             config.backbone.normalize,
             "cpu",
+            config.serving.precision,
         )
-        model = core.load_model(version_dir, spec, torch.device("cpu"), torch.float32)
+        model = core.load_model(version_dir, spec, torch.device("cpu"), dtype)
         return cls(model, core.load_tokenizer(version_dir / core.TOKENIZER_FILE, spec.max_tokens), spec)
 
     def probabilities(self, texts: list[str], batch_size: int = 64) -> dict[str, np.ndarray]:
@@ -58,8 +59,30 @@ def max_parity_gap(served: ServedModel, eager: EagerMultiTask, texts: list[str])
     )
 
 
-def evaluate(config: ProjectConfig, served: ServedModel, data: LabelledData) -> dict:
-    probabilities = served.probabilities(data.texts)
+def served_precision(version_dir: Path, config: ProjectConfig, reference: dict[str, np.ndarray],
+                     texts: list[str]) -> dict:
+    """The dtype model.py picks on this machine's CPU and, when it is not float32, how its labels and
+    probabilities compare with the float32 `reference` on the same texts."""
+    dtype = core.pick_dtype(torch.device("cpu"), config.serving.precision)
+    result = {"precision": config.serving.precision, "cpu_dtype": str(dtype).removeprefix("torch.")}
+    if dtype != torch.float32:
+        reduced = ServedModel.load(version_dir, config, dtype).probabilities(texts)
+        result["rows"] = len(texts)
+        result["label_agreement"] = {name: round(float((reduced[name].argmax(1) == reference[name].argmax(1)).mean()), 4)
+                                     for name in reference}
+        result["max_abs_diff"] = float(max(np.abs(reduced[name] - reference[name]).max() for name in reference))
+    return result
+
+
+def format_precision(result: dict) -> str:
+    if "label_agreement" not in result:
+        return f"served precision on this CPU: {result['cpu_dtype']}"
+    agreement = ", ".join(f"{name} {value:.2%}" for name, value in result["label_agreement"].items())
+    return (f"served precision on this CPU: {result['cpu_dtype']} (serving.precision {result['precision']}); labels equal "
+            f"to float32 on {result['rows']} validation rows: {agreement}; max |Δprob| {result['max_abs_diff']:.2e}")
+
+
+def evaluate(config: ProjectConfig, probabilities: dict[str, np.ndarray], data: LabelledData) -> dict:
     report = {}
     for task in config.tasks:
         truth = data.labels[task.name]
@@ -111,6 +134,7 @@ def write_model_card(version_dir: Path, card: dict) -> None:
         f"- Training mode: `{training['mode']}`, seed {training['seed']}, {training['train_rows']} training rows, "
         f"build time {training['seconds']:.1f} s on {training['machine']}",
         f"- Served vs transformers parity on validation texts: max |Δprob| = {card['parity_max_abs_diff']:.2e}",
+        f"- {format_precision(card['served_precision'])} (GPU: float16, checked by gpu/check.py)",
         "",
         f"## Validation ({card['validation_file']})",
         "",

@@ -31,6 +31,7 @@ def render_config_pbtxt(config: ProjectConfig) -> str:
         "max_tokens": str(config.backbone.max_tokens),
         "normalize": "true" if config.backbone.normalize else "false",
         "device": serving.device,
+        "precision": serving.precision,
         "output_filename": serving.output_filename,
         "truncated_output": core.TRUNCATED_NAME,
     }

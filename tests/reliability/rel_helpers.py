@@ -10,6 +10,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def configured_instances() -> int:
+    """serving.instance_count of the project's config: one python-backend stub process per instance."""
+    from mtl_build.config import load_config
+
+    return load_config(ROOT / "config.yaml").serving.instance_count
+
+
+INSTANCES = configured_instances()
 WORDS = ("the market rallied after strong quarterly earnings from the bank while the new phone update "
          "drained batteries and fans cheered the band's joyful album at a packed concert yesterday").split()
 

@@ -110,8 +110,8 @@ def _run(server, seconds: float) -> list[Worker]:
 
 
 def _warm_up(server) -> None:
-    """The largest forward the model makes: model.py runs rows in chunks of 32, so 32 rows at the full
-    256 tokens is the activation peak whatever the dynamic batcher merges."""
+    """The largest forward the model makes: model.py forwards chunks of at most 1,024 padded tokens
+    (forward_token_budget), so 32 rows at the full 256 tokens reach that peak whatever the batcher merges."""
     texts = [long_text(random.Random(1), 5000) for _ in range(32)]
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
         _check(texts, *Worker._grpc(client, texts))

@@ -5,11 +5,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from mtl_build.cli import build
 from mtl_build.evaluate import ServedModel
 from mtl_build.config import load_config
+from mtl_build.serving_core import core
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = [
@@ -62,6 +64,12 @@ def test_two_builds_give_identical_predictions(tmp_path, mode):
     assert metrics["validation"]["topic"]["rows"] == len(ROWS)
     assert sum(map(sum, metrics["validation"]["topic"]["confusion_matrix"])) == len(ROWS)
     assert (first / "MODEL_CARD.md").read_text().startswith("# Model card: multitask")
+    precision = metrics["served_precision"]  # config.yaml's precision auto: what model.py runs on this CPU
+    assert precision["cpu_dtype"] == str(core.pick_dtype(torch.device("cpu"), "auto")).removeprefix("torch.")
+    if precision["cpu_dtype"] != "float32":
+        assert precision["rows"] == len(ROWS) and set(precision["label_agreement"]) == {"topic", "sentiment"}
+        assert all(0.0 <= value <= 1.0 for value in precision["label_agreement"].values())
+        assert 0.0 < precision["max_abs_diff"] < 0.2
     assert (first.parent / "config.pbtxt").is_file()
     assert not list((tmp_path / "repo_a").glob(".*staging*"))
 

@@ -27,6 +27,7 @@ def test_project_config_loads_with_tasks_in_order():
     "edit, expected",
     [
         (lambda c: c["serving"].update(device="tpu"), ["serving.device", "'auto', 'cpu' or 'gpu'", "'tpu'"]),
+        (lambda c: c["serving"].update(precision="int8"), ["serving.precision", "'auto' or 'float32'", "'int8'"]),
         (lambda c: c["training"].update(mode="lora"), ["training.mode", "'heads_only' or 'joint'", "'lora'"]),
         (lambda c: c["serving"].update(max_batch_size=0), ["serving.max_batch_size", "greater than or equal to 1", "0"]),
         (lambda c: c["serving"].update(max_bach_size=8), ["serving.max_bach_size", "not a known key"]),

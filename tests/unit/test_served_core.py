@@ -115,8 +115,8 @@ def test_predict_probabilities_chunks_rows_without_changing_results(small_pair):
     mask = np.ones_like(ids)
     mask[3, 4:] = 0
     batch = core.Batch(ids * mask, mask, np.zeros(10, dtype=bool))
-    whole = core.predict_probabilities(served, batch, torch.device("cpu"), chunk_rows=256)
-    chunked = core.predict_probabilities(served, batch, torch.device("cpu"), chunk_rows=3)
+    whole = core.predict_probabilities(served, batch, torch.device("cpu"), token_budget=10_000)
+    chunked = core.predict_probabilities(served, batch, torch.device("cpu"), token_budget=20)  # 2-3 rows each
     for name in whole:
         assert np.allclose(whole[name], chunked[name], atol=1e-6)
 
@@ -143,3 +143,94 @@ def test_verify_artifacts_catches_a_changed_file(tmp_path):
     (tmp_path / "weights.safetensors").unlink()
     with pytest.raises(core.ArtifactError, match="missing"):
         core.verify_artifacts(tmp_path)
+
+
+def test_plan_chunks_covers_every_row_once_within_the_budget():
+    lengths = np.random.default_rng(1).integers(3, 90, 300)
+    chunks = core.plan_chunks(lengths, token_budget=400)
+    assert sorted(np.concatenate(chunks).tolist()) == list(range(300))
+    widths = [int(lengths[rows].max()) for rows in chunks]
+    assert widths == sorted(widths, reverse=True)  # longest first: each chunk pads only to its own longest row
+    assert all(int(lengths[rows[0]]) == w for rows, w in zip(chunks, widths))
+    assert all(w * len(rows) <= 400 for rows, w in zip(chunks, widths))
+    # A row longer than the budget still gets a forward of its own.
+    assert [len(c) for c in core.plan_chunks(np.array([500, 5]), token_budget=100)] == [1, 1]
+
+
+def test_packed_encoder_ignores_how_rows_are_batched(small_pair):
+    """Rows of very different lengths in one forward give what each row gives alone."""
+    _, served = small_pair
+    rng = np.random.default_rng(2)
+    lengths = [2, 60, 7, 33, 2]
+    ids = np.zeros((len(lengths), 60), dtype=np.int64)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = rng.integers(1, 120, n)
+    mask = (ids != 0).astype(np.int64)
+    with torch.no_grad():
+        together = served.encoder(torch.from_numpy(ids), torch.from_numpy(mask))
+        alone = torch.cat([served.encoder(torch.from_numpy(ids[r:r + 1, :n]), torch.from_numpy(mask[r:r + 1, :n]))
+                           for r, n in enumerate(lengths)])
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("fpu sse avx512f amx_bf16 amx_tile", True),
+    ("fpu sse avx512f avx512_bf16", True),
+    ("fpu sse avx2 avx512f", False),
+])
+def test_bfloat16_only_where_the_cpu_runs_it_fast(tmp_path, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert core.cpu_has_fast_bfloat16(cpuinfo) is expected
+    assert core.cpu_has_fast_bfloat16(tmp_path / "missing") is False
+
+
+def test_pick_dtype_follows_precision_and_device():
+    assert core.pick_dtype(torch.device("cpu"), "float32") == torch.float32
+    assert core.pick_dtype(torch.device("cuda"), "float32") == torch.float32
+    assert core.pick_dtype(torch.device("cuda"), "auto") == torch.float16
+    cpu = torch.bfloat16 if core.cpu_has_fast_bfloat16() else torch.float32
+    assert core.pick_dtype(torch.device("cpu"), "auto") == cpu
+    with pytest.raises(ValueError, match="'auto' or 'float32'"):
+        core.pick_dtype(torch.device("cpu"), "int8")
+
+
+def test_bfloat16_encoder_stays_close_to_float32(small_pair):
+    _, served = small_pair
+    ids = torch.randint(1, 120, (6, 11))
+    mask = torch.ones_like(ids)
+    mask[2, 4:] = 0
+    with torch.no_grad():
+        full = served(ids * mask, mask)
+        half = served.to(torch.bfloat16)(ids * mask, mask)
+        served.to(torch.float32)
+    for name in full:
+        assert half[name].dtype == torch.float32  # heads hand back float32 probabilities whatever runs inside
+        assert torch.allclose(full[name], half[name], atol=0.05)
+
+
+@pytest.mark.parametrize("groups, available, expected", [
+    ([{"kind": "KIND_CPU", "count": 1}], 16, 16),
+    ([{"kind": "KIND_CPU", "count": 2}], 2, 1),
+    ([{"kind": "KIND_CPU", "count": 4}], 16, 4),
+    ([{"kind": "KIND_CPU", "count": 3}], 2, 1),  # never below one thread
+    ([], 8, 8),
+])
+def test_cpu_instances_split_the_threads(groups, available, expected):
+    assert core.threads_per_instance({"instance_group": groups}, available) == expected
+
+
+def test_packed_token_counts_come_in_few_sizes():
+    """Matmul shapes are what oneDNN caches kernels for: token counts are rounded up by bucket_tokens."""
+    assert [core.bucket_tokens(n) for n in (1, 8, 9, 21, 256, 257, 1000, 1024)] == [8, 8, 16, 24, 256, 320, 1024, 1024]
+    rng = np.random.default_rng(3)
+    sizes = set()
+    for _ in range(300):
+        lengths = rng.integers(2, 60, rng.integers(1, 40))
+        mask = torch.from_numpy((np.arange(60)[None, :] < lengths[:, None]).astype(np.int64))
+        layout = core.Layout.from_mask(mask, torch.float32)
+        assert len(layout.slots) == lengths.sum()
+        assert len(layout.gather) == core.bucket_tokens(len(layout.slots))
+        assert torch.equal(layout.gather[: len(layout.slots)], layout.slots)
+        sizes.add(len(layout.gather))
+    assert len(sizes) <= 256 // 8 + (40 * 60 - 256) // 64 + 1

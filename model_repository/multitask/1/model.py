@@ -25,18 +25,21 @@ class TritonPythonModel:
     def initialize(self, args):
         folder = Path(args["model_repository"]) / args["model_version"]
         core.verify_artifacts(folder)
-        self.spec = core.ServingSpec.from_model_config(json.loads(args["model_config"]))
+        model_config = json.loads(args["model_config"])
+        self.spec = core.ServingSpec.from_model_config(model_config)
         self.device = core.pick_device(self.spec.device)
-        # fp16 on a GPU: labels match fp32 on nearly every row at half the memory traffic.
-        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        if self.device.type == "cpu":
+            torch.set_num_threads(core.threads_per_instance(model_config, torch.get_num_threads()))
+        # float16 on a GPU, bfloat16 on an AMX CPU (serving.precision auto): about twice as fast, same labels.
+        dtype = core.pick_dtype(self.device, self.spec.precision)
         self.model = core.load_model(folder, self.spec, self.device, dtype)
-        # Rows per forward: small chunks of similar length waste less padding on a CPU; a GPU wants big ones.
-        self.chunk_rows = 256 if self.device.type == "cuda" else 32
+        # Padded tokens per forward: small on a CPU (cache), a whole dynamic batch on a GPU.
+        self.token_budget = core.forward_token_budget(self.device)
         self.tokenizer = core.load_tokenizer(folder / core.TOKENIZER_FILE, self.spec.max_tokens)
         self.task_names = [task.name for task in self.spec.tasks]
         pb_utils.Logger.log_info(
-            f"multitask ready: device={self.device} dtype={dtype} tasks={self.task_names} "
-            f"max_tokens={self.spec.max_tokens} numpy={np.__version__} torch={torch.__version__}"
+            f"multitask ready: device={self.device} dtype={dtype} threads={torch.get_num_threads()} "
+            f"tasks={self.task_names} max_tokens={self.spec.max_tokens} numpy={np.__version__} torch={torch.__version__}"
         )
 
     def execute(self, requests):
@@ -55,7 +58,7 @@ class TritonPythonModel:
             return responses
         try:
             batch = core.tokenize(self.tokenizer, texts, self.spec.max_tokens)
-            probabilities = core.predict_probabilities(self.model, batch, self.device, self.chunk_rows)
+            probabilities = core.predict_probabilities(self.model, batch, self.device, self.token_budget)
         except Exception as exc:  # noqa: BLE001 - one failed batch must not take the instance down
             pb_utils.Logger.log_error(f"inference failed for {len(texts)} rows: {exc!r}")
             for index in accepted:
