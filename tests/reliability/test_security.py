@@ -41,7 +41,8 @@ def _outcome(call) -> str:
     return "ok"
 
 
-GRPC_CALLS = {
+# tritonclient's gRPC and HTTP clients share these method names, so one table serves both protocols.
+RESTRICTED_CALLS = {
     "load": lambda c, h, r: c.load_model("multitask", headers=h),
     "unload": lambda c, h, r: c.unload_model("multitask", headers=h),
     "repository index": lambda c, h, r: c.get_model_repository_index(headers=h),
@@ -53,12 +54,12 @@ GRPC_CALLS = {
 }
 
 
-@pytest.mark.parametrize("call", list(GRPC_CALLS))
+@pytest.mark.parametrize("call", list(RESTRICTED_CALLS))
 def test_grpc_restricted_api_needs_the_admin_key(rel_server, region, call):
     with grpcclient.InferenceServerClient(rel_server.grpc_url) as client:
-        refused = _outcome(lambda: GRPC_CALLS[call](client, None, region))
-        wrong = _outcome(lambda: GRPC_CALLS[call](client, {GRPC_ADMIN_HEADER: "not-the-key"}, region))
-        allowed = _outcome(lambda: GRPC_CALLS[call](client, {GRPC_ADMIN_HEADER: rel_server.admin_key}, region))
+        refused = _outcome(lambda: RESTRICTED_CALLS[call](client, None, region))
+        wrong = _outcome(lambda: RESTRICTED_CALLS[call](client, {GRPC_ADMIN_HEADER: "not-the-key"}, region))
+        allowed = _outcome(lambda: RESTRICTED_CALLS[call](client, {GRPC_ADMIN_HEADER: rel_server.admin_key}, region))
     restricted = f"This protocol is restricted, expecting header '{GRPC_ADMIN_HEADER}'"
     assert restricted in refused and restricted in wrong, (refused, wrong)
     assert "restricted" not in allowed, allowed
@@ -69,23 +70,12 @@ def test_grpc_restricted_api_needs_the_admin_key(rel_server, region, call):
     assert rel_server.is_ready("multitask")
 
 
-HTTP_CALLS = {
-    "load": lambda c, h, r: c.load_model("multitask", headers=h),
-    "unload": lambda c, h, r: c.unload_model("multitask", headers=h),
-    "repository index": lambda c, h, r: c.get_model_repository_index(headers=h),
-    "shared-memory register": lambda c, h, r: (c.register_system_shared_memory("rel", r, 64, headers=h),
-                                               c.unregister_system_shared_memory("rel", headers=h)),
-    "log settings": lambda c, h, r: c.update_log_settings({"log_verbose_level": 0}, headers=h),
-    "trace settings": lambda c, h, r: c.get_trace_settings(headers=h),
-}
-
-
-@pytest.mark.parametrize("call", list(HTTP_CALLS))
+@pytest.mark.parametrize("call", list(RESTRICTED_CALLS))
 def test_http_restricted_api_needs_the_admin_key(rel_server, region, call):
     client = httpclient.InferenceServerClient(rel_server.http_url.removeprefix("http://"))
     try:
-        refused = _outcome(lambda: HTTP_CALLS[call](client, None, region))
-        allowed = _outcome(lambda: HTTP_CALLS[call](client, {ADMIN_HEADER: rel_server.admin_key}, region))
+        refused = _outcome(lambda: RESTRICTED_CALLS[call](client, None, region))
+        allowed = _outcome(lambda: RESTRICTED_CALLS[call](client, {ADMIN_HEADER: rel_server.admin_key}, region))
     finally:
         client.close()
     assert f"This API is restricted, expecting header '{ADMIN_HEADER}'" in refused, refused
