@@ -374,9 +374,7 @@ def unpack(carry: Path, work: Path) -> dict:
         archive.extractall(stub_site, filter="tar")
     import site
 
-    # mtl_serve.local.check_stub_environment's probe calls importlib.util without importing it; in a bare
-    # venv nothing else has imported it yet, so this .pth does (an `import` line in a .pth file runs).
-    (stub_site / "zz_main_env.pth").write_text("import importlib.util\n" + "\n".join(site.getsitepackages()) + "\n")
+    (stub_site / "zz_main_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     from mtl_serve.local import check_stub_environment
 
     stub_numpy = check_stub_environment(stubenv / "bin" / "python3")

@@ -16,6 +16,8 @@ from .train import EagerMultiTask
 
 METRICS_FILE = "metrics.json"
 MODEL_CARD_FILE = "MODEL_CARD.md"
+# metrics.json key: the GPU's float16 computed on the CPU (see served_precision)
+FLOAT16_ON_CPU = "float16_on_cpu"
 
 
 @dataclass
@@ -59,27 +61,43 @@ def max_parity_gap(served: ServedModel, eager: EagerMultiTask, texts: list[str])
     )
 
 
+def dtype_agreement(version_dir: Path, config: ProjectConfig, dtype: torch.dtype, reference: dict[str, np.ndarray],
+                    texts: list[str]) -> dict:
+    """How often the served model in `dtype` (on this CPU) gives the float32 `reference` labels, and its largest
+    probability difference."""
+    reduced = ServedModel.load(version_dir, config, dtype).probabilities(texts)
+    return {"rows": len(texts),
+            "label_agreement": {name: round(float((reduced[name].argmax(1) == reference[name].argmax(1)).mean()), 4)
+                                for name in reference},
+            "max_abs_diff": float(max(np.abs(reduced[name] - reference[name]).max() for name in reference))}
+
+
 def served_precision(version_dir: Path, config: ProjectConfig, reference: dict[str, np.ndarray],
                      texts: list[str]) -> dict:
-    """The dtype model.py picks on this machine's CPU and, when it is not float32, how its labels and
-    probabilities compare with the float32 `reference` on the same texts."""
+    """The dtype model.py picks on this machine's CPU and, when it is not float32, how its labels compare with
+    the float32 `reference`. With precision auto, also float16 (what a GPU serves) run with this CPU's kernels:
+    a proxy until gpu/check.py measures it on a GPU, whose kernels round differently."""
     dtype = core.pick_dtype(torch.device("cpu"), config.serving.precision)
     result = {"precision": config.serving.precision, "cpu_dtype": str(dtype).removeprefix("torch.")}
     if dtype != torch.float32:
-        reduced = ServedModel.load(version_dir, config, dtype).probabilities(texts)
-        result["rows"] = len(texts)
-        result["label_agreement"] = {name: round(float((reduced[name].argmax(1) == reference[name].argmax(1)).mean()), 4)
-                                     for name in reference}
-        result["max_abs_diff"] = float(max(np.abs(reduced[name] - reference[name]).max() for name in reference))
+        result |= dtype_agreement(version_dir, config, dtype, reference, texts)
+    if config.serving.precision == "auto":
+        result[FLOAT16_ON_CPU] = dtype_agreement(version_dir, config, torch.float16, reference, texts)
     return result
 
 
-def format_precision(result: dict) -> str:
-    if "label_agreement" not in result:
-        return f"served precision on this CPU: {result['cpu_dtype']}"
+def _agreement_text(result: dict) -> str:
     agreement = ", ".join(f"{name} {value:.2%}" for name, value in result["label_agreement"].items())
-    return (f"served precision on this CPU: {result['cpu_dtype']} (serving.precision {result['precision']}); labels equal "
-            f"to float32 on {result['rows']} validation rows: {agreement}; max |Δprob| {result['max_abs_diff']:.2e}")
+    return f"labels equal to float32 on {result['rows']} validation rows: {agreement}; max |Δprob| {result['max_abs_diff']:.2e}"
+
+
+def format_precision(result: dict) -> str:
+    lines = [f"served precision on this CPU: {result['cpu_dtype']} (serving.precision {result['precision']})"]
+    if "label_agreement" in result:
+        lines[0] += f"; {_agreement_text(result)}"
+    if FLOAT16_ON_CPU in result:
+        lines.append(f"float16 (served on a GPU), run here with CPU kernels: {_agreement_text(result[FLOAT16_ON_CPU])}")
+    return "\n".join(lines)
 
 
 def evaluate(config: ProjectConfig, probabilities: dict[str, np.ndarray], data: LabelledData) -> dict:
@@ -134,7 +152,8 @@ def write_model_card(version_dir: Path, card: dict) -> None:
         f"- Training mode: `{training['mode']}`, seed {training['seed']}, {training['train_rows']} training rows, "
         f"build time {training['seconds']:.1f} s on {training['machine']}",
         f"- Served vs transformers parity on validation texts: max |Δprob| = {card['parity_max_abs_diff']:.2e}",
-        f"- {format_precision(card['served_precision'])} (GPU: float16, checked by gpu/check.py)",
+        *(f"- {line}" for line in format_precision(card["served_precision"]).splitlines()),
+        "- On a GPU (float16 with the GPU's kernels): measured by gpu/check.py, see docs/gpu.md",
         "",
         f"## Validation ({card['validation_file']})",
         "",

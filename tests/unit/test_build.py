@@ -70,6 +70,12 @@ def test_two_builds_give_identical_predictions(tmp_path, mode):
         assert precision["rows"] == len(ROWS) and set(precision["label_agreement"]) == {"topic", "sentiment"}
         assert all(0.0 <= value <= 1.0 for value in precision["label_agreement"].values())
         assert 0.0 < precision["max_abs_diff"] < 0.2
+    float16 = precision["float16_on_cpu"]  # precision auto: the GPU's type, computed here with CPU kernels
+    assert float16["rows"] == len(ROWS) and set(float16["label_agreement"]) == {"topic", "sentiment"}
+    assert all(0.0 <= value <= 1.0 for value in float16["label_agreement"].values())
+    assert 0.0 < float16["max_abs_diff"] < 0.2  # float16 does round: exactly 0 would mean float32 ran
+    card = (first / "MODEL_CARD.md").read_text()
+    assert "float16 (served on a GPU), run here with CPU kernels: labels equal to float32 on 9 validation rows" in card
     assert (first.parent / "config.pbtxt").is_file()
     assert not list((tmp_path / "repo_a").glob(".*staging*"))
 
