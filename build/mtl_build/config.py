@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
+from .errors import BuildError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Triton tensor names and our output file template both embed the task name.
@@ -14,7 +15,7 @@ TASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 RESERVED_TENSOR_NAMES = {"TEXT", "TRUNCATED"}
 
 
-class ConfigError(ValueError):
+class ConfigError(BuildError, ValueError):
     """config.yaml is missing, unparsable or holds a wrong value."""
 
 
@@ -74,18 +75,35 @@ class TaskConfig(_Strict):
 class DataConfig(_Strict):
     train: Path = Path("data/train.csv")
     validation: Path = Path("data/validation.csv")
+    # Scored by the build and reported apart; never used for training or model selection. null: none.
+    challenge: Path | None = None
     text_column: str = "text"
+    # Optional column naming each row's kind of text; the build reports per register when it is there.
+    register_column: str = "register"
 
 
 class TrainingConfig(_Strict):
-    mode: Literal["heads_only", "joint"] = "heads_only"
+    # The defaults are the shipped config.yaml's values (chosen on validation, docs/training.md).
+    mode: Literal["heads_only", "joint"] = "joint"
     seed: int = 13
-    epochs: int = Field(30, ge=1)
-    joint_epochs: int = Field(4, ge=1)
+    epochs: int = Field(30, ge=1)  # heads_only
+    joint_epochs: int = Field(2, ge=1)
     batch_size: int = Field(32, ge=1)
-    learning_rate: float = Field(0.01, gt=0)
-    encoder_learning_rate: float = Field(3e-5, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
+    learning_rate: float = Field(0.002, gt=0)  # heads
+    encoder_learning_rate: float = Field(8e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    # Joint mode: the embeddings and this many bottom layers stay pre-trained; their output is computed once.
+    frozen_layers: int = Field(0, ge=0, le=64)
+    # Layer-wise learning-rate decay: layer i below the top trains at encoder_learning_rate * decay**i.
+    layer_lr_decay: float = Field(1.0, gt=0, le=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_balanced: bool = False  # weight each class's loss by its inverse frequency
+    early_stopping: bool = True  # keep the epoch with the best validation macro-F1
+    patience: int = Field(1, ge=0)
+    # bfloat16 autocast: auto = on a CPU with AMX/AVX512-BF16 (about 2x faster there)
+    autocast: Literal["auto", "bfloat16", "off"] = "auto"
+    calibrate: bool = True  # fit one temperature per task on the validation split
     task_weights: dict[str, float] = {}
 
 
@@ -95,10 +113,21 @@ class ServingConfig(_Strict):
     # auto: float16 on a GPU, bfloat16 on a CPU with AMX or AVX512-BF16 (labels checked against float32 at build
     # time), float32 elsewhere; float32 everywhere gives results equal to transformers within 1e-4.
     precision: Literal["auto", "float32"] = "auto"
+    # auto: OpenVINO int8 on a CPU, torch elsewhere (multitask_core.runtimes.pick_runtime)
+    runtime: Literal["auto", "torch", "openvino", "onnxruntime"] = "auto"
+    # Padded tokens in one forward; 0 = the device's default (1,024 on a CPU, 65,536 on a GPU).
+    tokens_per_forward: int = Field(0, ge=0)
+    # Threads of one CPU instance; 0 = the machine's cores split between the instances.
+    threads_per_instance: int = Field(0, ge=0)
+    # An exported graph (ONNX, OpenVINO int8) must give the float32 labels on this share of the validation rows
+    # of every task, or the build fails (or, when another runtime serves, leaves the graph out).
+    min_label_agreement: float = Field(0.995, ge=0.5, le=1.0)
+    # Text bytes one request may hold; the model refuses more before decoding (the client sends at most 4 MiB).
+    max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_batch_size: int = Field(256, ge=1, le=4096)
     max_queue_delay_microseconds: int = Field(2000, ge=0)
-    preferred_batch_sizes: list[int] = []
-    instance_count: int = Field(1, ge=1, le=64)
+    preferred_batch_sizes: list[int] = [64, 128, 256]
+    instance_count: int = Field(2, ge=1, le=64)
     output_filename: str = "{task}_predictions.csv"
 
     @field_validator("output_filename")

@@ -1,166 +1,194 @@
-"""Score the exported (served) model on the validation split and write the model card."""
+"""Score the exported (served) model: validation and challenge sets, per register, calibration, every graph."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+from mtl_client.metrics import classification_report
+from multitask_core import files
+from multitask_core.served import ServedModel
+from multitask_core.spec import pick_dtype
 
 from .config import ProjectConfig
 from .data import LabelledData
-from .serving_core import core
-from .train import EagerMultiTask
+from .errors import BuildError
 
-METRICS_FILE = "metrics.json"
-MODEL_CARD_FILE = "MODEL_CARD.md"
 # metrics.json key: the GPU's float16 computed on the CPU (see served_precision)
 FLOAT16_ON_CPU = "float16_on_cpu"
 
 
-@dataclass
-class ServedModel:
-    """The exported artifacts loaded exactly as model.py loads them, on the CPU (float32 unless told)."""
-
-    model: "core.MultiTaskModel"
-    tokenizer: object
-    spec: "core.ServingSpec"
-
-    @classmethod
-    def load(cls, version_dir: Path, config: ProjectConfig, dtype: torch.dtype = torch.float32) -> "ServedModel":
-        core.verify_artifacts(version_dir)
-        spec = core.ServingSpec(
-            tuple(core.TaskSpec(t.name, tuple(t.labels)) for t in config.tasks),
-            config.backbone.max_tokens,
-            config.backbone.normalize,
-            "cpu",
-            config.serving.precision,
-        )
-        model = core.load_model(version_dir, spec, torch.device("cpu"), dtype)
-        return cls(model, core.load_tokenizer(version_dir / core.TOKENIZER_FILE, spec.max_tokens), spec)
-
-    def probabilities(self, texts: list[str], batch_size: int = 64) -> dict[str, np.ndarray]:
-        parts: dict[str, list[np.ndarray]] = {t.name: [] for t in self.spec.tasks}
-        for start in range(0, len(texts), batch_size):
-            batch = core.tokenize(self.tokenizer, texts[start : start + batch_size], self.spec.max_tokens)
-            for name, probs in core.predict_probabilities(self.model, batch, torch.device("cpu")).items():
-                parts[name].append(probs)
-        return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+class GraphCheckError(BuildError):
+    """An exported graph disagrees with the float32 model on too many labels."""
 
 
-def max_parity_gap(served: ServedModel, eager: EagerMultiTask, texts: list[str]) -> float:
-    """Largest |served − transformers| probability over the texts (one padded batch)."""
-    batch = core.tokenize(served.tokenizer, texts, served.spec.max_tokens)
-    with torch.inference_mode():
-        eager_logits = eager.eval()(torch.from_numpy(batch.ids), torch.from_numpy(batch.mask))
-    served_probs = core.predict_probabilities(served.model, batch, torch.device("cpu"))
-    return max(
-        float(np.abs(served_probs[name] - torch.softmax(logits, -1).numpy()).max()) for name, logits in eager_logits.items()
-    )
-
-
-def dtype_agreement(version_dir: Path, config: ProjectConfig, dtype: torch.dtype, reference: dict[str, np.ndarray],
-                    texts: list[str]) -> dict:
-    """How often the served model in `dtype` (on this CPU) gives the float32 `reference` labels, and its largest
-    probability difference."""
-    reduced = ServedModel.load(version_dir, config, dtype).probabilities(texts)
-    return {"rows": len(texts),
-            "label_agreement": {name: round(float((reduced[name].argmax(1) == reference[name].argmax(1)).mean()), 4)
-                                for name in reference},
-            "max_abs_diff": float(max(np.abs(reduced[name] - reference[name]).max() for name in reference))}
-
-
-def served_precision(version_dir: Path, config: ProjectConfig, reference: dict[str, np.ndarray],
-                     texts: list[str]) -> dict:
-    """The dtype model.py picks on this machine's CPU and, when it is not float32, how its labels compare with
-    the float32 `reference`. With precision auto, also float16 (what a GPU serves) run with this CPU's kernels:
-    a proxy until gpu/check.py measures it on a GPU, whose kernels round differently."""
-    dtype = core.pick_dtype(torch.device("cpu"), config.serving.precision)
-    result = {"precision": config.serving.precision, "cpu_dtype": str(dtype).removeprefix("torch.")}
-    if dtype != torch.float32:
-        result |= dtype_agreement(version_dir, config, dtype, reference, texts)
-    if config.serving.precision == "auto":
-        result[FLOAT16_ON_CPU] = dtype_agreement(version_dir, config, torch.float16, reference, texts)
-    return result
-
-
-def _agreement_text(result: dict) -> str:
-    agreement = ", ".join(f"{name} {value:.2%}" for name, value in result["label_agreement"].items())
-    return f"labels equal to float32 on {result['rows']} validation rows: {agreement}; max |Δprob| {result['max_abs_diff']:.2e}"
-
-
-def format_precision(result: dict) -> str:
-    lines = [f"served precision on this CPU: {result['cpu_dtype']} (serving.precision {result['precision']})"]
-    if "label_agreement" in result:
-        lines[0] += f"; {_agreement_text(result)}"
-    if FLOAT16_ON_CPU in result:
-        lines.append(f"float16 (served on a GPU), run here with CPU kernels: {_agreement_text(result[FLOAT16_ON_CPU])}")
-    return "\n".join(lines)
-
-
-def evaluate(config: ProjectConfig, probabilities: dict[str, np.ndarray], data: LabelledData) -> dict:
-    report = {}
+def score(config: ProjectConfig, probabilities: dict[str, np.ndarray], data: LabelledData) -> dict:
+    """Per task: the metrics of mtl_client.metrics over the rows labelled for it; and per register."""
+    report = {"tasks": {}, "registers": {}}
     for task in config.tasks:
         truth = data.labels[task.name]
         labelled = truth >= 0
-        if not labelled.any():
-            report[task.name] = {"labels": list(task.labels), "rows": 0}
-            continue
-        predicted = probabilities[task.name].argmax(axis=1)[labelled]
-        truth = truth[labelled]
-        label_ids = list(range(len(task.labels)))
-        report[task.name] = {
-            "labels": list(task.labels),
-            "rows": int(labelled.sum()),
-            "accuracy": round(float(accuracy_score(truth, predicted)), 4),
-            "macro_f1": round(float(f1_score(truth, predicted, average="macro", labels=label_ids, zero_division=0)), 4),
-            # rows: true label, columns: predicted label, both in config order
-            "confusion_matrix": confusion_matrix(truth, predicted, labels=label_ids).tolist(),
-        }
+        report["tasks"][task.name] = (classification_report(truth[labelled], probabilities[task.name][labelled],
+                                                             task.labels)
+                                      if labelled.any() else {"rows": 0, "labels": list(task.labels)})
+    if data.registers:
+        registers = np.array(data.registers)
+        for register in sorted(set(data.registers)):
+            rows = registers == register
+            report["registers"][register] = {}
+            for task in config.tasks:
+                truth = data.labels[task.name]
+                labelled = rows & (truth >= 0)
+                if labelled.any():
+                    full = classification_report(truth[labelled], probabilities[task.name][labelled], task.labels)
+                    report["registers"][register][task.name] = {k: full[k] for k in
+                                                                ("rows", "accuracy", "macro_f1", "macro_recall", "ece")}
     return report
 
 
-def format_table(report: dict) -> str:
-    lines = [f"{'task':<12} {'rows':>5} {'accuracy':>9} {'macro-F1':>9}"]
-    for name, scores in report.items():
-        if scores["rows"]:
-            lines.append(f"{name:<12} {scores['rows']:>5} {scores['accuracy']:>9.4f} {scores['macro_f1']:>9.4f}")
+class TransformersReference(torch.nn.Module):
+    """transformers' BertModel + mean pooling + L2 norm + the heads, holding an exported model's weights."""
+
+    def __init__(self, version_dir: Path, backbone_dir: Path, normalize: bool = True):
+        super().__init__()
+        import transformers
+        from safetensors.torch import load_file
+
+        transformers.utils.logging.set_verbosity_error()
+        self.bert = transformers.AutoModel.from_pretrained(str(backbone_dir), local_files_only=True,
+                                                           add_pooling_layer=False)
+        state = load_file(str(version_dir / files.WEIGHTS_FILE))
+        prefix = "encoder."
+        self.bert.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=False)
+        heads = {k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")}
+        names = sorted({key.split(".")[0] for key in heads})
+        self.heads = torch.nn.ModuleDict({n: torch.nn.Linear(*heads[f"{n}.weight"].T.shape) for n in names})
+        self.heads.load_state_dict(heads)
+        self.normalize = normalize
+        self.eval()
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        embedding = torch.nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
+        return {name: torch.softmax(head(embedding), -1) for name, head in self.heads.items()}
+
+
+def max_parity_gap(served: ServedModel, reference: TransformersReference, texts: list[str]) -> float:
+    """Largest |served − transformers| probability over the texts (one padded batch)."""
+    batch = served.encode(texts)
+    expected = reference(torch.from_numpy(batch.ids), torch.from_numpy(batch.mask))
+    actual = served.run(batch)
+    return max(float(np.abs(actual[name] - expected[name].numpy()).max()) for name in actual)
+
+
+def agreement(candidate: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict:
+    return {"rows": len(next(iter(reference.values()))),
+            "label_agreement": {name: round(float((candidate[name].argmax(1) == reference[name].argmax(1)).mean()), 4)
+                                for name in reference},
+            "max_abs_diff": float(max(np.abs(candidate[name] - reference[name]).max() for name in reference))}
+
+
+def _timed(served: ServedModel, texts: list[str]) -> tuple[dict[str, np.ndarray], float]:
+    started = time.perf_counter()
+    probabilities = served.predict(texts).probabilities
+    return probabilities, len(texts) / max(time.perf_counter() - started, 1e-9)
+
+
+def check_graphs(version_dir: Path, model_config: dict, runtimes: list[str], reference: dict[str, np.ndarray],
+                 texts: list[str], bar: float, log) -> dict:
+    """Each exported graph against the float32 torch `reference` on `texts`: label agreement per task, the
+    largest probability difference and the speed (sentences/s, in-process, this machine's threads).
+    Raises GraphCheckError when a graph agrees on fewer than `bar` of the rows of a task."""
+    threads = os.cpu_count() or 1
+    results = {}
+    for runtime in runtimes:
+        served = ServedModel.open(version_dir, model_config, verify=False, runtime=runtime, device="cpu",
+                                  precision="float32", threads=threads)
+        probabilities, speed = _timed(served, texts)
+        result = agreement(probabilities, reference) | {"sentences_per_s": round(speed, 1),
+                                                        "runtime": served.runtime.describe()}
+        results[runtime] = result
+        log(f"graph {runtime}: {format_agreement(result)}; {speed:.0f} sentences/s in-process")
+        low = {task: value for task, value in result["label_agreement"].items() if value < bar}
+        if low:
+            worst = ", ".join(f"{task} {value:.2%}" for task, value in low.items())
+            raise GraphCheckError(
+                f"the {runtime} graph gives the float32 labels on only {worst} of {result['rows']} rows "
+                f"(serving.min_label_agreement is {bar:.1%}); nothing was installed. Set serving.runtime to torch, "
+                "or report this with the build log")
+    return results
+
+
+def served_precision(version_dir: Path, model_config: dict, config: ProjectConfig, reference: dict[str, np.ndarray],
+                     texts: list[str]) -> dict:
+    """The dtype the torch runtime picks on this machine's CPU and, when it is not float32, how its labels
+    compare with the float32 `reference`. With precision auto, also float16 (what a GPU serves) run with this
+    CPU's kernels: a proxy until the GPU check (python -m mtl_tools.gpu) measures it on a GPU, whose kernels round differently."""
+    dtype = pick_dtype(torch.device("cpu"), config.serving.precision)
+    result = {"precision": config.serving.precision, "cpu_dtype": str(dtype).removeprefix("torch.")}
+
+    def run(precision_dtype: torch.dtype) -> dict:
+        served = ServedModel.open(version_dir, model_config, verify=False, runtime="torch", device="cpu",
+                                  threads=os.cpu_count() or 1)
+        served.runtime.model.to(precision_dtype)
+        return agreement(served.predict(texts).probabilities, reference)
+
+    if dtype != torch.float32:
+        result |= run(dtype)
+    if config.serving.precision == "auto":
+        result[FLOAT16_ON_CPU] = run(torch.float16)
+    return result
+
+
+def format_agreement(result: dict) -> str:
+    shares = ", ".join(f"{name} {value:.2%}" for name, value in result["label_agreement"].items())
+    return f"labels equal to float32 on {result['rows']} rows: {shares}; max |Δprob| {result['max_abs_diff']:.2e}"
+
+
+def format_precision(result: dict) -> str:
+    lines = [f"torch on this CPU: {result['cpu_dtype']} (serving.precision {result['precision']})"]
+    if "label_agreement" in result:
+        lines[0] += f"; {format_agreement(result)}"
+    if FLOAT16_ON_CPU in result:
+        lines.append(f"float16 (served on a GPU), run here with CPU kernels: {format_agreement(result[FLOAT16_ON_CPU])}")
+    return "\n".join(lines)
+
+
+def format_table(report: dict, title: str) -> str:
+    lines = [f"{title}", f"  {'task':<12} {'rows':>5} {'accuracy':>9} {'macro-F1':>9} {'macro-rec':>9} {'ECE':>7}"]
+    for name, s in report["tasks"].items():
+        if s["rows"]:
+            lines.append(f"  {name:<12} {s['rows']:>5} {s['accuracy']:>9.4f} {s['macro_f1']:>9.4f} "
+                         f"{s['macro_recall']:>9.4f} {s['ece']:>7.4f}")
         else:
-            lines.append(f"{name:<12} {0:>5} {'(zero-shot, no labelled rows)':>20}")
-    for name, scores in report.items():
-        if not scores["rows"]:
+            lines.append(f"  {name:<12} {0:>5}  (zero-shot, no labelled rows)")
+    if report.get("registers"):
+        lines.append(f"  by register: {'register':<13}" + "".join(f" {t + ' acc/mF1':>22}" for t in report["tasks"]))
+        for register, tasks in report["registers"].items():
+            cells = "".join(f" {tasks[t]['rows']:>6}: {tasks[t]['accuracy']:.3f}/{tasks[t]['macro_f1']:.3f}"
+                            if t in tasks else f" {'-':>22}" for t in report["tasks"])
+            lines.append(f"               {register:<13}{cells}")
+    return "\n".join(lines)
+
+
+def format_confusion(report: dict) -> str:
+    lines = []
+    for name, s in report["tasks"].items():
+        if not s["rows"]:
             continue
-        width = max(len(label) for label in scores["labels"]) + 2
-        lines.append(f"\n{name}: confusion matrix (rows = true, columns = predicted)")
-        lines.append(" " * width + "".join(f"{label[:width - 1]:>{width}}" for label in scores["labels"]))
-        for label, counts in zip(scores["labels"], scores["confusion_matrix"]):
+        width = max(len(label) for label in s["labels"]) + 2
+        lines.append(f"{name}: confusion matrix (rows = true, columns = predicted)")
+        lines.append(" " * width + "".join(f"{label[:width - 1]:>{width}}" for label in s["labels"]))
+        for label, counts in zip(s["labels"], s["confusion_matrix"]):
             lines.append(f"{label:<{width}}" + "".join(f"{count:>{width}}" for count in counts))
     return "\n".join(lines)
 
 
-def write_model_card(version_dir: Path, card: dict) -> None:
-    (version_dir / METRICS_FILE).write_text(json.dumps(card, indent=2) + "\n")
-    training = card["training"]
-    text = [
-        f"# Model card: {card['model_name']}",
-        "",
-        "Shared encoder sentence-transformers/all-MiniLM-L6-v2 (mean pooling, L2-normalised 384-d embedding, "
-        f"token budget {card['max_tokens']}) with one linear head per task.",
-        "",
-        f"- Training mode: `{training['mode']}`, seed {training['seed']}, {training['train_rows']} training rows, "
-        f"build time {training['seconds']:.1f} s on {training['machine']}",
-        f"- Served vs transformers parity on validation texts: max |Δprob| = {card['parity_max_abs_diff']:.2e}",
-        *(f"- {line}" for line in format_precision(card["served_precision"]).splitlines()),
-        "- On a GPU (float16 with the GPU's kernels): measured by gpu/check.py, see docs/gpu.md",
-        "",
-        f"## Validation ({card['validation_file']})",
-        "",
-        "```",
-        format_table(card["validation"]),
-        "```",
-        "",
-        "Data and labelling rules: data/README.md.",
-    ]
-    (version_dir / MODEL_CARD_FILE).write_text("\n".join(text) + "\n")
+def write_metrics(version_dir: Path, card: dict) -> None:
+    (version_dir / files.METRICS_FILE).write_text(json.dumps(card, indent=2) + "\n")

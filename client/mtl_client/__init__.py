@@ -6,7 +6,12 @@
         for pred in client.predict(["Shares rallied after the earnings call"]):
             print(pred["topic"].label, pred["sentiment"].score)
 """
-from .aio import AsyncMultiTaskClient
+import os
+
+# grpc reads this once, when it is first imported: a TLS mismatch is then our one error line, not also grpc's log.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+from .aio import AsyncMultiTaskClient  # noqa: E402
 from .base import Health, ModelInfo
 from .batching import DEFAULT_MAX_REQUEST_BYTES, plan_batches
 from .client import MultiTaskClient

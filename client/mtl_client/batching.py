@@ -5,6 +5,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .texts import EMPTY_TEXT, has_content
 from .errors import InvalidInputError, text_error
 
 # gRPC's usual 4 MiB message limit (proxies and servers default to it), less room for the request's framing.
@@ -81,8 +82,8 @@ def encode_text(index: int, text: Any) -> bytes:
     """The UTF-8 bytes the server gets for `text`, or InvalidInputError naming its index."""
     if not isinstance(text, str):
         raise text_error(index, f"expected a str, got {type(text).__name__}")
-    if not text.strip():
-        raise text_error(index, "empty or whitespace-only text")
+    if not has_content(text):
+        raise text_error(index, EMPTY_TEXT)
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -93,15 +94,15 @@ def check_texts(texts: Sequence[str], shown: int = 10) -> list[bytes]:
     """Encode every text, or one InvalidInputError listing the empty ones (first few and the count)."""
     encoded, empty = [], []
     for index, text in enumerate(texts):
-        if isinstance(text, str) and not text.strip():
+        if isinstance(text, str) and not has_content(text):
             empty.append(index)
             continue
         encoded.append(encode_text(index, text))
     if empty:
         listed = ", ".join(str(i) for i in empty[:shown]) + (", ..." if len(empty) > shown else "")
         raise InvalidInputError(
-            f"{len(empty)} empty or whitespace-only text(s) at index {listed}",
-            index=empty[0], indices=empty[:shown], count=len(empty), reason="empty or whitespace-only text",
+            f"{len(empty)} empty text(s) (nothing but whitespace, control or format characters) at index {listed}",
+            index=empty[0], indices=empty[:shown], count=len(empty), reason=EMPTY_TEXT,
         )
     return encoded
 

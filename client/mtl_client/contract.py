@@ -33,10 +33,20 @@ class ModelContract:
     truncated_output: str
     output_filename: str = DEFAULT_OUTPUT_FILENAME
     max_tokens: int | None = None
+    # How the server runs the model (config parameters; "auto" is resolved by the server when it loads).
+    precision: str | None = None
+    runtime: str | None = None
+    device: str | None = None
+    tokens_per_forward: int | None = None  # padded tokens per forward pass; 0 = the device's default
 
     @property
     def task_names(self) -> list[str]:
         return [task.name for task in self.tasks]
+
+    def serving(self) -> dict:
+        """The server's run settings as given in its config: precision, runtime, device, tokens per forward."""
+        return {"precision": self.precision, "runtime": self.runtime, "device": self.device,
+                "tokens_per_forward": self.tokens_per_forward}
 
     def task(self, name: str) -> TaskSpec:
         for task in self.tasks:
@@ -56,7 +66,7 @@ class ModelContract:
 
     # -- parsing -------------------------------------------------------------------------------------
     @classmethod
-    def from_model_config(cls, config: dict, model: str | None = None) -> "ModelContract":
+    def from_model_config(cls, config: dict, model: str | None = None) -> ModelContract:
         """Parse `get_model_config(model, as_json=True)` (the whole response or its "config")."""
         if isinstance(config, dict) and isinstance(config.get("config"), dict):
             config = config["config"]
@@ -85,6 +95,7 @@ class ModelContract:
         _check_output(outputs, truncated, "TYPE_BOOL", 1, where, "the truncated flag")
 
         max_tokens = parameters.get("max_tokens")
+        tokens_per_forward = parameters.get("tokens_per_forward")
         contract = cls(
             model=model,
             input_name=strings[0]["name"],
@@ -93,6 +104,11 @@ class ModelContract:
             truncated_output=truncated,
             output_filename=parameters.get("output_filename") or DEFAULT_OUTPUT_FILENAME,
             max_tokens=_int(max_tokens, f"{where}: parameter max_tokens") if max_tokens else None,
+            precision=parameters.get("precision") or None,
+            runtime=parameters.get("runtime") or None,
+            device=parameters.get("device") or None,
+            tokens_per_forward=(_int(tokens_per_forward, f"{where}: parameter tokens_per_forward")
+                                if tokens_per_forward else None),
         )
         _check_filenames(contract, where)
         return contract

@@ -20,15 +20,24 @@ from .local import LocalTriton, ServerError
 @click.option("--model-repository", type=click.Path(path_type=Path), default="model_repository", show_default=True)
 @click.option("--input", "input_csv", type=click.Path(path_type=Path, exists=True), default="data/sample.csv", show_default=True)
 @click.option("--out-dir", type=click.Path(path_type=Path), default="outputs", show_default=True)
-@click.option("--skip-build", is_flag=True, help="Serve the repository as it is instead of rebuilding it.")
-def main(config: Path, model_repository: Path, input_csv: Path, out_dir: Path, skip_build: bool) -> None:
-    """Build, serve on free local ports, run `mtl-client predict` on INPUT, and stop the server."""
+@click.option("--skip-build", is_flag=True,
+              help="Serve the repository as it is, without even checking whether its inputs changed.")
+@click.option("--force-build", is_flag=True, help="Rebuild even when the build's inputs are unchanged.")
+def main(config: Path, model_repository: Path, input_csv: Path, out_dir: Path, skip_build: bool,
+         force_build: bool) -> None:
+    """Build (skipped when config, data, code and versions are unchanged), serve on free local ports, run
+    `mtl-client predict` on INPUT, and stop the server. Exit 2 for a problem with the inputs."""
     started = time.monotonic()
     if not skip_build:
         from mtl_build.cli import build
+        from mtl_build.errors import BuildError
 
         click.echo("== mtl-build", err=True)
-        build(config, model_repository)
+        try:
+            build(config, model_repository, force=force_build)
+        except BuildError as exc:
+            click.echo(f"demo: error: {exc}", err=True)
+            sys.exit(2)
     click.echo("== starting the local Triton server", err=True)
     try:
         with LocalTriton(model_repository, grpc_port=0, http_port=0, metrics_port=0) as server:

@@ -8,7 +8,11 @@ HTTP requests that a client can send by accident (measurements in docs/reliabili
 Only requests that cannot take those shapes are forwarded: the content type is set from the body's
 layout, bodies are bounded, request compression is undone here within the same bound, chunked bodies
 are refused, and JSON that Python's parser refuses (malformed, or nested deeper than ~1,000 levels)
-is refused with 400. Everything else, including every inference error, comes from Triton unchanged.
+is refused with 400. Requests Triton would reset without an answer get a 4xx here instead: a request
+target or header line over ~8 KB (431/414), a target that is not a path (`OPTIONS *`: 400); so do
+inference shapes out of range (a dimension of 2**63 was answered 200). Everything else, including
+every inference error, comes from Triton unchanged, except while the owner (UpstreamHealth) says that
+Triton is not fit to serve: then the ready endpoints and inference answer 503.
 """
 from __future__ import annotations
 
@@ -21,6 +25,9 @@ import threading
 import zlib
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+from .health import STUB_FAILURE, UpstreamHealth
 
 log = logging.getLogger("mtl_serve.guard")
 
@@ -34,6 +41,16 @@ HOP_BY_HOP = frozenset({
     "transfer-encoding", "upgrade", "host", "content-length", "content-type", "content-encoding", "expect",
 })
 HEADER_LENGTH = "Inference-Header-Content-Length"
+# Triton 2.51 resets the connection, without an answer, for a request target over 8,189 bytes or a header
+# name or value over 8,191 bytes (measured); below that it has no limit on the number of headers.
+MAX_TARGET_BYTES = 8000
+MAX_HEADER_LINE_BYTES = 8000
+# Like Triton's own listen backlog (1,024): a burst of connections waits to be accepted instead of being reset.
+LISTEN_BACKLOG = 1024
+# The largest dimension a tensor can have here: beyond, Triton's int64 arithmetic on shapes overflows.
+MAX_DIM = 2**31 - 1
+INFER_PATH = re.compile(r"^/v2/models/([^/?]+)(?:/versions/[^/?]+)?/infer$")
+READY_PATH = re.compile(r"^/v2/(?:health/ready|models/[^/?]+(?:/versions/[^/?]+)?/ready)$")
 
 
 class Rejected(Exception):
@@ -45,15 +62,44 @@ class Rejected(Exception):
         self.close = close
 
 
+class ModelLimits:
+    """The request shapes a model accepts, from its config as Triton serves it (GET /v2/models/NAME/config).
+
+    Only dimensions no tensor can have are refused here: a batch outside 0..max_batch_size, any other
+    dimension outside 0..MAX_DIM, a dimension that is not a whole number. Triton checks the rest itself."""
+
+    def __init__(self, config: dict):
+        self.max_batch_size = int(config.get("max_batch_size") or 0)
+
+    def check(self, model: str, document) -> None:
+        inputs = document.get("inputs") if isinstance(document, dict) else None
+        for tensor in inputs if isinstance(inputs, list) else []:
+            shape = tensor.get("shape") if isinstance(tensor, dict) else None
+            if not isinstance(shape, list):
+                continue  # Triton answers a missing or malformed shape itself
+            name = tensor.get("name")
+            for position, dim in enumerate(shape):
+                if not isinstance(dim, int) or isinstance(dim, bool):
+                    raise Rejected(HTTPStatus.BAD_REQUEST, f"input {name!r}: shape {shape} must hold whole numbers")
+                if position == 0 and self.max_batch_size > 0:
+                    if not 0 <= dim <= self.max_batch_size:
+                        raise Rejected(HTTPStatus.BAD_REQUEST,
+                                       f"input {name!r}: shape {shape}: inference request batch-size must be <= "
+                                       f"{self.max_batch_size} for {model!r} (and not negative)")
+                elif not 0 <= dim <= MAX_DIM:
+                    raise Rejected(HTTPStatus.BAD_REQUEST, f"input {name!r}: shape {shape}: dimension {position} "
+                                                           f"must be from 0 to {MAX_DIM:,}")
+
+
 def _whole_number(value: str) -> bool:
     return re.fullmatch(r"[0-9]{1,15}", value.strip()) is not None
 
 
-def check_json(document: bytes) -> None:
-    """Refuse JSON that Python's parser refuses: malformed, or nested deeper than ~1,000 levels."""
+def check_json(document: bytes):
+    """The parsed document; refuses JSON that Python's parser refuses (malformed, nested deeper than ~1,000 levels)."""
     # Undecodable bytes become U+FFFD so that a bad byte early on cannot hide what follows it.
     try:
-        json.loads(document.decode("utf-8", "replace"), strict=False)
+        return json.loads(document.decode("utf-8", "replace"), strict=False)
     except RecursionError:
         raise Rejected(HTTPStatus.BAD_REQUEST, "request JSON is nested too deeply") from None
     except ValueError as exc:
@@ -78,8 +124,34 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     return out
 
 
-def vet(method: str, headers, body: bytes, max_body_bytes: int) -> tuple[bytes, str, dict[str, str]]:
-    """(body to forward, its content type, extra headers) for a request with `body` already read."""
+def check_target(target: str) -> str:
+    """The path to forward for a request target: origin-form as it is, absolute-form cut to its path."""
+    if len(target) > MAX_TARGET_BYTES:
+        raise Rejected(HTTPStatus.REQUEST_URI_TOO_LONG,
+                       f"request target of {len(target):,} bytes is over the {MAX_TARGET_BYTES:,}-byte limit",
+                       close=True)
+    if target.startswith("/"):
+        return target
+    parts = urlsplit(target)
+    if parts.scheme in ("http", "https") and parts.netloc:
+        return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    raise Rejected(HTTPStatus.BAD_REQUEST, f"request target {target[:80]!r} is not a path: nothing is served there",
+                   close=True)
+
+
+def check_headers(headers) -> None:
+    for name, value in headers.items():
+        if len(name) + len(value) + 2 > MAX_HEADER_LINE_BYTES:
+            raise Rejected(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                           f"header {name[:40]!r} is over the {MAX_HEADER_LINE_BYTES:,}-byte limit of a header line",
+                           close=True)
+
+
+def vet(method: str, headers, body: bytes, max_body_bytes: int,
+        limits=None) -> tuple[bytes, str, dict[str, str]]:
+    """(body to forward, its content type, extra headers) for a request with `body` already read.
+
+    `limits` is a (model name, ModelLimits) pair for an inference request, checked against its shapes."""
     extra: dict[str, str] = {}
     encoding = (headers.get("Content-Encoding") or "identity").strip().lower()
     if encoding in ("gzip", "deflate"):
@@ -97,7 +169,9 @@ def vet(method: str, headers, body: bytes, max_body_bytes: int) -> tuple[bytes, 
         json_length = int(declared)
         extra[HEADER_LENGTH] = str(json_length)
     if method in ("POST", "PUT") and json_length:
-        check_json(body[:json_length])
+        document = check_json(body[:json_length])
+        if limits is not None:
+            limits[1].check(limits[0], document)
     # Triton parses a form-urlencoded body on its stack (the crash above); no endpoint needs that type.
     content_type = "application/json" if json_length == len(body) else "application/octet-stream"
     return body, content_type, extra
@@ -193,19 +267,39 @@ class _Handler(BaseHTTPRequestHandler):
                     raise
         raise AssertionError("unreachable")
 
+    def _refuse(self, rejected: Rejected) -> None:
+        self.close_connection = self.close_connection or rejected.close
+        # A 503 while Triton restarts is the owner's news (its watchdog logs it), not the client's fault.
+        level = logging.DEBUG if rejected.status == HTTPStatus.SERVICE_UNAVAILABLE else logging.WARNING
+        log.log(level, "refused %s %s from %s: %s", self.command, self.path[:200], self.client_address[0], rejected)
+        self.server.count_refusal()
+        self._error(rejected.status, str(rejected))
+
     def _handle(self) -> None:
+        health = self.server.health
+        try:
+            check_headers(self.headers)
+            self.path = check_target(self.path)
+        except Rejected as rejected:
+            self._refuse(rejected)
+            return
+        route = self.path.split("?")[0]
+        infer = INFER_PATH.match(route)
         try:
             body = self._read_body()
-            body, content_type, extra = vet(self.command, self.headers, body, self.server.max_body_bytes)
+            if (infer or READY_PATH.match(route)) and not health.ready():
+                raise Rejected(HTTPStatus.SERVICE_UNAVAILABLE,
+                               "Triton is restarting (its python-backend stub failed): retry shortly")
+            limits = self.server.model_limits(infer.group(1)) if infer and self.command == "POST" else None
+            body, content_type, extra = vet(self.command, self.headers, body, self.server.max_body_bytes,
+                                            (infer.group(1), limits) if limits else None)
         except Rejected as rejected:
-            self.close_connection = self.close_connection or rejected.close
-            log.warning("refused %s %s from %s: %s", self.command, self.path, self.client_address[0], rejected)
-            self.server.count_refusal()
-            self._error(rejected.status, str(rejected))
+            self._refuse(rejected)
             return
         except (ConnectionError, socket.timeout):
             self.close_connection = True
             return
+        generation = health.generation()
         try:
             response = self._forward(body, content_type, extra)
             payload = response.read()
@@ -220,6 +314,10 @@ class _Handler(BaseHTTPRequestHandler):
         if response.will_close:
             self.upstream.close()
             self.upstream = None
+        failure = STUB_FAILURE.search(payload.decode(errors="replace")) if response.status >= 400 else None
+        if failure and health.stub_failed(generation, failure.group(0)):
+            self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"{failure.group(0)}. Triton is being restarted: retry shortly")
+            return
         self._reply(response.status, payload, headers)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_OPTIONS = do_PATCH = _handle
@@ -230,14 +328,38 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     # Handler threads are daemons and their connections are shut down on stop; don't wait for them.
     block_on_close = False
+    request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, address, upstream, max_body_bytes):
+    def __init__(self, address, upstream, max_body_bytes, health: UpstreamHealth):
         self.upstream = upstream
         self.max_body_bytes = max_body_bytes
+        self.health = health
         self.refusals = 0
         self._connections: set[socket.socket] = set()
+        self._limits: dict[str, ModelLimits] = {}
         self._lock = threading.Lock()
         super().__init__(address, _Handler)
+
+    def model_limits(self, model: str) -> ModelLimits | None:
+        """The model's limits from Triton, fetched once (model control is off: the config cannot change)."""
+        with self._lock:
+            if model in self._limits:
+                return self._limits[model]
+        connection = http.client.HTTPConnection(*self.upstream, timeout=10)
+        try:
+            connection.request("GET", f"/v2/models/{model}/config")
+            response = connection.getresponse()
+            config = json.loads(response.read()) if response.status == 200 else None
+        except (OSError, http.client.HTTPException, ValueError):
+            config = None  # Triton answers the request itself: it is down, or the model is unknown
+        finally:
+            connection.close()
+        if not isinstance(config, dict):
+            return None
+        limits = ModelLimits(config)
+        with self._lock:
+            self._limits[model] = limits
+        return limits
 
     def track(self, connection: socket.socket, add: bool) -> None:
         with self._lock:
@@ -261,9 +383,10 @@ class HttpGuard:
     """Listen on (host, port) and forward vetted requests to Triton at (upstream_host, upstream_port)."""
 
     def __init__(self, host: str, port: int, upstream_host: str, upstream_port: int,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, name: str = "http"):
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, name: str = "http",
+                 health: UpstreamHealth | None = None):
         self.name = name
-        self._server = _Server((host, port), (upstream_host, upstream_port), max_body_bytes)
+        self._server = _Server((host, port), (upstream_host, upstream_port), max_body_bytes, health or UpstreamHealth())
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name=f"mtl-serve-guard-{name}", daemon=True)
 

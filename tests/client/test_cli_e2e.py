@@ -2,9 +2,11 @@
 import csv
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,12 +21,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def served(triton_server):
-    """Tasks, labels and file template straight from the server (read without mtl_client)."""
+def served(triton_server, test_config):
+    """Tasks, labels and file template straight from the server (read without mtl_client), which must be
+    those of the config the repository was built from."""
     with grpcclient.InferenceServerClient(triton_server.grpc_url) as client:
-        config = client.get_model_config("multitask", as_json=True)["config"]
+        config = client.get_model_config(test_config.serving.model_name, as_json=True)["config"]
     parameters = {k: v["string_value"] for k, v in config["parameters"].items()}
     tasks = {t["name"]: t["labels"] for t in json.loads(parameters["tasks"])}
+    assert tasks == {task.name: list(task.labels) for task in test_config.tasks}
+    assert parameters["output_filename"] == test_config.serving.output_filename
     return tasks, parameters["output_filename"]
 
 
@@ -136,7 +141,8 @@ def test_empty_texts_fail_listing_rows_or_are_written_unscored(triton_server, se
     source = _write_csv(tmp_path / "in.csv", rows)
     result = _cli(triton_server, "predict", source, "--out-dir", tmp_path / "out")
     assert result.exit_code == 2
-    assert "2 row(s) with an empty or whitespace-only text: row 2, 4" in result.stderr
+    assert "2 row(s) with an empty text (nothing but whitespace, control or format characters): row 2, 4" \
+        in result.stderr
     assert not (tmp_path / "out").exists()
 
     result = _cli(triton_server, "predict", source, "--out-dir", tmp_path / "out", "--allow-empty")
@@ -158,7 +164,8 @@ def test_streamed_stdin_with_a_late_bad_row_leaves_old_outputs_alone(triton_serv
     data = _write_csv(tmp_path / "in.csv", rows).read_bytes()
     result = _cli(triton_server, "predict", "-", "--out-dir", out_dir, "--batch-size", 2, input=data)
     assert result.exit_code == 2
-    assert f"<stdin>: 1 row(s) with an empty or whitespace-only text: row {len(rows)}" in result.stderr
+    assert (f"<stdin>: 1 row(s) with an empty text (nothing but whitespace, control or format characters): "
+            f"row {len(rows)}") in result.stderr
     assert sorted(out_dir.iterdir()) == sorted(files.values())  # no temp file left
     assert all(p.read_text() == "from an earlier run\n" for p in files.values())
 
@@ -205,10 +212,11 @@ def test_unknown_model_is_a_server_error(triton_server, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_health_and_info(triton_server, served):
+def test_health_and_info(triton_server, served, test_config):
+    model = test_config.serving.model_name
     result = _cli(triton_server, "health")
     assert result.exit_code == 0, result.output
-    assert "live yes, ready yes" in result.stdout and "model multitask: ready yes" in result.stdout
+    assert "live yes, ready yes" in result.stdout and f"model {model}: ready yes" in result.stdout
     result = _cli(triton_server, "health", "--model", "nope")
     assert result.exit_code == 1 and "ready no" in result.stdout
 
@@ -221,6 +229,13 @@ def test_health_and_info(triton_server, served):
     details = json.loads(_cli(triton_server, "info", "--json").stdout)
     assert {t["name"]: t["labels"] for t in details["tasks"]} == tasks
     assert details["model"]["output_filename"] == template and details["model"]["max_batch_size"] > 0
+    # How the server runs the model: its config's parameters, as the build wrote them.
+    serving = test_config.serving
+    assert (details["model"]["precision"], details["model"]["runtime"]) == (serving.precision, serving.runtime)
+    assert details["model"]["tokens_per_forward"] == serving.tokens_per_forward
+    per_forward = "the device's default" if serving.tokens_per_forward == 0 else f"{serving.tokens_per_forward:,}"
+    assert (f"serving: precision {serving.precision}, runtime {serving.runtime}, device {serving.device}, "
+            f"tokens per forward {per_forward}") in result.stdout
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -250,3 +265,75 @@ def test_interrupted_run_leaves_no_temp_file_and_keeps_old_outputs(triton_server
     assert process.stderr.read().decode().strip() == "mtl-client: error: interrupted; no output written"
     assert sorted(out_dir.iterdir()) == sorted(files.values())
     assert all(p.read_text() == "from an earlier run\n" for p in files.values())
+
+
+def test_texts_with_nothing_visible_are_empty_like_the_server_says(triton_server, served, tmp_path):
+    rows = [("a", "Stocks fell sharply"), ("b", "\x00"), ("c", "\u200b"), ("d", "\ufeff"), ("e", " \u00a0 "),
+            ("f", "\u2028"), ("g", "A lovely concert")]
+    source = _write_csv(tmp_path / "in.csv", rows)
+    result = _cli(triton_server, "predict", source, "--out-dir", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert "5 row(s) with an empty text" in result.stderr and "row 2, 3, 4, 5, 6" in result.stderr
+    result = _cli(triton_server, "predict", source, "--out-dir", tmp_path / "out", "--allow-empty")
+    assert result.exit_code == 0, result.output
+    for path in _files(tmp_path / "out", served).values():
+        written = _read(path)
+        assert [(r["id"], r["text"]) for r in written] == rows
+        assert [r["label"] == "" for r in written] == [False, True, True, True, True, True, False]
+
+
+def test_a_fifo_is_read_once_like_stdin(triton_server, served, sample_rows, tmp_path):
+    fifo = tmp_path / "rows.fifo"
+    os.mkfifo(fifo)
+    data = _write_csv(tmp_path / "in.csv", sample_rows).read_bytes()
+
+    def feed():
+        with open(fifo, "wb") as handle:  # blocks until the CLI opens the FIFO, once
+            handle.write(data)
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    result = _cli(triton_server, "predict", fifo, "--out-dir", tmp_path / "out")
+    writer.join(timeout=30)
+    assert result.exit_code == 0, result.output
+    for path in _files(tmp_path / "out", served).values():
+        assert [(r["id"], r["text"]) for r in _read(path)] == sample_rows
+
+
+def test_process_substitution_input(triton_server, served, sample_rows, tmp_path):
+    # The issue's repro: `mtl-client predict <(...)` said "/dev/fd/63: no such file".
+    source = _write_csv(tmp_path / "in.csv", sample_rows)
+    script = (f'"{sys.executable}" -m mtl_client.cli predict <(cat "{source}") --url {triton_server.grpc_url} '
+              f'--out-dir "{tmp_path / "out"}"')
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].startswith(f"{len(sample_rows)} rows in ")
+    for path in _files(tmp_path / "out", served).values():
+        assert [(r["id"], r["text"]) for r in _read(path)] == sample_rows
+
+
+def test_tab_separated_input(triton_server, served, sample_rows, tmp_path):
+    source = tmp_path / "in.tsv"
+    with open(source, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, delimiter="\t")
+        writer.writerow(["id", "text"])
+        writer.writerows([*sample_rows, ("comma", "Shares rose, but the bank warned")])
+    result = _cli(triton_server, "predict", source, "--delimiter", "\\t", "--out-dir", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    for path in _files(tmp_path / "out", served).values():
+        assert [r["text"] for r in _read(path)][-1] == "Shares rose, but the bank warned"
+
+
+def test_an_output_that_cannot_be_written_changes_no_output(triton_server, served, sample_rows, tmp_path):
+    # The issue's repro: one task's output path is a folder; the other task's file used to be replaced anyway.
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    files = list(_files(out_dir, served).values())
+    files[0].write_text("from an earlier run\n")
+    files[-1].mkdir()
+    source = _write_csv(tmp_path / "in.csv", sample_rows)
+    result = _cli(triton_server, "predict", source, "--out-dir", out_dir)
+    assert result.exit_code == 1
+    assert result.stderr == f"mtl-client: error: cannot write {files[-1]}: Is a directory; no output file was changed\n"
+    assert files[0].read_text() == "from an earlier run\n"
+    assert sorted(out_dir.iterdir()) == sorted(files)

@@ -1,62 +1,83 @@
-"""The client over gRPC with TLS: a second real Triton started with a self-signed certificate."""
-import dataclasses
-import shutil
-import subprocess
-
+"""The client over gRPC with TLS (a real Triton with the test certificate), and TLS mismatches either way."""
 import pytest
 from click.testing import CliRunner
 
+import mtl_client.client
 from mtl_client import MultiTaskClient, ServerUnavailableError
 from mtl_client.cli import main
+from mtl_client.errors import TlsMismatchError, is_transient
 
 pytestmark = pytest.mark.e2e
 
 
-def _make_certificates(folder):
-    """A CA, and a server certificate for 127.0.0.1 signed by it (openssl CLI)."""
-    def openssl(*args):
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+@pytest.fixture
+def attempts(monkeypatch):
+    """How many times the sync client translated a failed call: one per attempt."""
+    count = []
+    translate = mtl_client.client.translate
 
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=mtl test CA",
-            "-keyout", "ca.key", "-out", "ca.pem")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key",
-            "-out", "server.csr")
-    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-days", "2", "-extfile", "san.ext", "-out", "server.pem")
-    return folder / "ca.pem", folder / "server.pem", folder / "server.key"
+    def counting(*args, **kwargs):
+        count.append(1)
+        return translate(*args, **kwargs)
 
-
-@pytest.fixture(scope="module")
-def tls_server(built_repository, tmp_path_factory):
-    from mtl_serve import LocalTriton
-
-    if "grpc_server_cert" not in {f.name for f in dataclasses.fields(LocalTriton)}:
-        pytest.skip("this mtl_serve.LocalTriton cannot serve gRPC over TLS")
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to make test certificates")
-    folder = tmp_path_factory.mktemp("tls")
-    ca, cert, key = _make_certificates(folder)
-    server = LocalTriton(built_repository, grpc_port=0, http_port=0, metrics_port=0, log_file=folder / "triton.log",
-                         grpc_server_cert=cert, grpc_server_key=key)
-    with server:
-        yield server, ca
+    monkeypatch.setattr(mtl_client.client, "translate", counting)
+    return count
 
 
-def test_predict_over_tls_with_a_root_certificate(tls_server):
-    server, ca = tls_server
-    with MultiTaskClient(server.grpc_url, root_certificates=ca, headers={"x-caller": "tls-test"}) as client:
-        predictions = client.predict(["The shares jumped after the earnings call", "This laptop keeps crashing"])
-    assert [p.text for p in predictions] == ["The shares jumped after the earnings call", "This laptop keeps crashing"]
-    result = CliRunner().invoke(main, ["info", "--url", server.grpc_url, "--root-certificates", str(ca)])
+def _cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _one_error_line(result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mtl-client: error: "), result.stderr
+    return lines[0]
+
+
+def test_tls_server_with_a_root_certificate_and_each_mismatch(local_triton, tls_material, test_config, attempts):
+    server = local_triton(grpc_server_cert=tls_material["cert"], grpc_server_key=tls_material["key"])
+    texts = ["The shares jumped after the earnings call", "This laptop keeps crashing"]
+    with MultiTaskClient(server.grpc_url, root_certificates=tls_material["ca"],
+                         headers={"x-caller": "tls-test"}) as client:
+        predictions = client.predict(texts)
+    assert [p.text for p in predictions] == texts
+    for task in test_config.tasks:
+        assert all(p[task.name].label in task.labels for p in predictions)
+    result = _cli("info", "--url", server.grpc_url, "--root-certificates", tls_material["ca"])
     assert result.exit_code == 0, result.output
     assert "max batch size" in result.stdout
 
+    # A plaintext client: one clear error, on the first attempt, although retries are allowed.
+    attempts.clear()
+    with MultiTaskClient(server.grpc_url, retries=5, timeout_s=10) as client, \
+            pytest.raises(TlsMismatchError) as info:
+        client.predict(texts)
+    assert len(attempts) == 1 and not is_transient(info.value) and isinstance(info.value, ServerUnavailableError)
+    assert str(info.value).startswith(f"server at {server.grpc_url} is unavailable: it serves gRPC over TLS")
+    line = _one_error_line(_cli("health", "--url", server.grpc_url, "--retries", 5, "--timeout", 10))
+    assert "serves gRPC over TLS" in line and "--ssl" in line and "gave up" not in line
 
-def test_plain_client_cannot_talk_to_a_tls_server(tls_server):
-    server, _ = tls_server
-    with MultiTaskClient(server.grpc_url, retries=0, timeout_s=5) as client:
-        with pytest.raises(ServerUnavailableError):
-            client.health()
-    result = CliRunner().invoke(main, ["health", "--url", server.grpc_url, "--retries", "0", "--timeout", "5"])
-    assert result.exit_code == 1 and result.stderr.startswith("mtl-client: error: ")
+    # TLS without the CA that signed the server's certificate: not trusted, not retried.
+    attempts.clear()
+    with MultiTaskClient(server.grpc_url, ssl=True, retries=5, timeout_s=10) as client, \
+            pytest.raises(TlsMismatchError, match="certificate is not trusted"):
+        client.health()
+    assert len(attempts) == 1
+    line = _one_error_line(_cli("info", "--url", server.grpc_url, "--ssl", "--retries", 5))
+    assert "certificate is not trusted" in line and "--root-certificates" in line
+
+
+def test_tls_client_against_a_plaintext_server(triton_server, tls_material, attempts, tmp_path):
+    with MultiTaskClient(triton_server.grpc_url, root_certificates=tls_material["ca"], retries=5) as client, \
+            pytest.raises(TlsMismatchError) as info:
+        client.health()
+    assert len(attempts) == 1 and not is_transient(info.value)
+    assert str(info.value).startswith(f"server at {triton_server.grpc_url} is unavailable over TLS: it does not "
+                                      "speak TLS")
+    source = tmp_path / "in.csv"
+    source.write_text("id,text\n1,hello there\n")
+    for command in (["health"], ["predict", source, "--out-dir", tmp_path / "out"]):
+        line = _one_error_line(_cli(*command, "--url", triton_server.grpc_url, "--ssl", "--retries", 5))
+        assert "does not speak TLS" in line and "without --ssl" in line
+    assert not (tmp_path / "out").exists()

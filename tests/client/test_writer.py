@@ -6,6 +6,7 @@ import os
 import pytest
 
 from mtl_client import TaskPrediction, TaskSpec
+from mtl_client.errors import OutputError
 from mtl_client.writer import AtomicOutputs
 
 TASKS = (TaskSpec("topic", ("entertainment", "finance", "tech")), TaskSpec("sentiment", ("negative", "positive")))
@@ -72,3 +73,73 @@ def test_no_commit_means_no_output(tmp_path):
     with AtomicOutputs(tmp_path, NAMES, TASKS) as out:
         _write_two(out)
     assert list(tmp_path.iterdir()) == []
+
+
+def _old_outputs(folder, names=NAMES):
+    for name in names.values():
+        (folder / name).write_text(f"old {name}\n")
+
+
+def test_a_folder_in_the_place_of_an_output_fails_before_any_file_is_replaced(tmp_path):
+    # The repro: sentiment's output is a folder; topic's file was replaced all the same.
+    (tmp_path / "topic_predictions.csv").write_text("old topic\n")
+    (tmp_path / "sentiment_predictions.csv").mkdir()
+    with pytest.raises(OutputError) as info:
+        with AtomicOutputs(tmp_path, NAMES, TASKS) as out:
+            _write_two(out)
+            out.commit()
+    # The real output path, not a temp file.
+    assert str(info.value) == (f"cannot write {tmp_path / 'sentiment_predictions.csv'}: Is a directory; "
+                               "no output file was changed")
+    assert info.value.path == tmp_path / "sentiment_predictions.csv"
+    assert (tmp_path / "topic_predictions.csv").read_text() == "old topic\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sentiment_predictions.csv", "topic_predictions.csv"]
+
+
+def test_a_folder_appearing_before_the_commit_is_caught_at_the_commit(tmp_path):
+    _old_outputs(tmp_path)
+    with pytest.raises(OutputError, match="sentiment_predictions.csv: Is a directory; no output file was changed"):
+        with AtomicOutputs(tmp_path, NAMES, TASKS) as out:
+            _write_two(out)
+            (tmp_path / "sentiment_predictions.csv").unlink()
+            (tmp_path / "sentiment_predictions.csv").mkdir()
+            out.commit()
+    assert (tmp_path / "topic_predictions.csv").read_text() == "old topic_predictions.csv\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("had_outputs", [True, False])
+def test_a_rename_failing_midway_puts_back_what_was_replaced(tmp_path, monkeypatch, had_outputs):
+    if had_outputs:
+        _old_outputs(tmp_path)
+    real_replace, calls = os.replace, []
+
+    def second_rename_fails(source, target):
+        calls.append(target)
+        if len(calls) == 2:
+            raise PermissionError(13, "Permission denied")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", second_rename_fails)
+    with pytest.raises(OutputError) as info:
+        with AtomicOutputs(tmp_path, NAMES, TASKS) as out:
+            _write_two(out)
+            out.commit()
+    monkeypatch.undo()
+    assert str(info.value) == (f"cannot write {tmp_path / 'sentiment_predictions.csv'}: Permission denied; "
+                               "no output file was changed")
+    # topic's file had been replaced: it is back as it was (or gone, when there was none before).
+    if had_outputs:
+        assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {
+            name: f"old {name}\n" for name in NAMES.values()}
+    else:
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_commit_replaces_both_and_leaves_no_backup(tmp_path):
+    for label in ("finance", "tech"):
+        with AtomicOutputs(tmp_path, NAMES, TASKS) as out:
+            out.write("a1", "text", _results(topic=label), False)
+            out.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sentiment_predictions.csv", "topic_predictions.csv"]
+    assert "tech" in (tmp_path / "topic_predictions.csv").read_text()

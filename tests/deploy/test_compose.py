@@ -89,8 +89,8 @@ def test_docker_compose_config_rejects_a_misspelt_key(tmp_path):
 
 def test_gpu_is_reserved(triton):
     devices = triton["deploy"]["resources"]["reservations"]["devices"]
-    assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) and (d.get("count") or d.get("device_ids"))
-               for d in devices), devices
+    assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", [])
+               and (d.get("count") or d.get("device_ids")) for d in devices), devices
 
 
 def _bytes(size: str) -> int:
@@ -124,14 +124,119 @@ def test_every_published_port_is_on_loopback_by_default(compose):
     for name, service in compose["services"].items():
         for port in _ports(service):
             assert port.startswith("127.0.0.1:"), f"{name}: {port}"
-    assert len(_ports(compose["services"]["triton"])) == 3
+    published = {port.rsplit(":", 1)[1]: name
+                 for name, service in compose["services"].items() for port in _ports(service)}
+    assert published == {"8001": "triton", "8000": "http-guard", "8002": "metrics-guard", "9090": "prometheus",
+                         "3000": "grafana"}
 
 
 def test_healthcheck_asks_whether_the_model_is_ready(triton):
     test = " ".join(triton["healthcheck"]["test"])
     assert f"http://127.0.0.1:8000/v2/models/{MODEL_NAME}/ready" in test
-    assert any(p.endswith(":8000") for p in _ports(triton)), "the healthcheck's port 8000 is Triton's HTTP port"
-    assert "--http-port" not in " ".join(triton["command"])
+    # Inside the container 8000 is Triton's own HTTP port: not moved by the command, exposed to the guard.
+    assert "--http-port" not in " ".join(triton["command"]) and "8000" in [str(p) for p in triton["expose"]]
+
+
+def _guard(compose: dict, name: str) -> tuple[dict, dict[str, str]]:
+    service = compose["services"][name]
+    command = service["command"]
+    assert command[:3] == ["python", "-m", "mtl_serve.guard"], command
+    options = dict(zip(command[3::2], command[4::2], strict=True))
+    return service, options
+
+
+def test_http_and_metrics_reach_the_host_only_through_the_guard(compose, triton):
+    """docs/reliability.md: a form-encoded body of ~4 MB or deeply nested JSON kills Triton 2.51's HTTP side."""
+    assert [p.rsplit(":", 1)[1] for p in _ports(triton)] == ["8001"]
+    for name, port in (("http-guard", "8000"), ("metrics-guard", "8002")):
+        service, options = _guard(compose, name)
+        assert options["--upstream"] == f"triton:{port}" and options["--listen"] == f"0.0.0.0:{port}"
+        assert [p.rsplit(":", 1)[1] for p in _ports(service)] == [port]
+        assert port in [str(p) for p in triton["expose"]]
+        assert service["read_only"] is True and service["user"].split(":")[0] != "0"
+        mount = service["volumes"][0]
+        assert mount["read_only"] is True and (ROOT / mount["source"] / "guard.py").is_file()
+        assert mount["target"].rsplit("/", 1)[0] == service["environment"]["PYTHONPATH"]
+        assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", service["image"]), service["image"]
+    assert int(_guard(compose, "metrics-guard")[1]["--max-body-bytes"]) <= 1 << 20
+
+
+def test_the_guard_services_command_runs_on_a_bare_python(compose, tmp_path):
+    """The guard image is plain Python: the mounted mtl_serve must run with the standard library alone (-S: no
+    site-packages), and the command's options must be the guard's. It re-types a form body as JSON on the way."""
+    import http.server
+    import json
+    import socket
+    import sys
+    import threading
+    import time
+    import urllib.request
+
+    seen = {}
+
+    class Upstream(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen["content_type"] = self.headers.get("Content-Type")
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            body = b'{"ok": true}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        listen_port = sock.getsockname()[1]
+    service, options = _guard(compose, "http-guard")
+    command = [sys.executable, "-S", *service["command"][1:]]
+    command[command.index("--listen") + 1] = f"127.0.0.1:{listen_port}"
+    command[command.index("--upstream") + 1] = f"127.0.0.1:{upstream.server_address[1]}"
+    guard = subprocess.Popen(command, env={"PYTHONPATH": str(ROOT / "server"), "PATH": os.environ.get("PATH", "")},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{listen_port}/v2/models/m/infer", b'{"inputs": []}',
+                                                 {"Content-Type": "application/x-www-form-urlencoded"})
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    assert json.load(response) == {"ok": True}
+                break
+            except OSError:
+                assert guard.poll() is None, guard.communicate()
+                assert time.monotonic() < deadline, "the guard did not answer within 30 s"
+                time.sleep(0.2)
+        assert seen["content_type"] == "application/json"
+    finally:
+        guard.terminate()
+        guard.wait(timeout=10)
+        upstream.shutdown()
+
+
+def test_triton_runs_with_the_fixed_mmap_threshold_of_local_triton(triton):
+    """docs/reliability.md, design change 3: the same MALLOC_MMAP_THRESHOLD_ as mtl-serve sets."""
+    from mtl_serve.local import LocalTriton
+
+    default = LocalTriton.__dataclass_fields__["malloc_mmap_threshold"].default
+    assert int(triton["environment"]["MALLOC_MMAP_THRESHOLD_"]) == default
+
+
+def test_triton_exports_the_latency_summaries_the_dashboard_reads(triton):
+    assert "--metrics-config=summary_latencies=true" in triton["command"]
+
+
+def test_triton_image_is_named_for_the_triton_release_it_holds(triton):
+    """NGC numbering: 24.10 is Triton 2.51 (the wheel's), each month one more: 24.12 is 2.53."""
+    year, month = map(int, re.search(r":(\d{2})\.(\d{2})-", triton["build"]["args"]["TRITON_IMAGE"]).groups())
+    release = 51 + (year - 24) * 12 + (month - 10)
+    assert triton["image"].split(":")[1].startswith(f"2.{release}-{year}.{month:02d}-"), triton["image"]
+    assert f"Triton 2.{release} (NGC {year}.{month:02d})" in COMPOSE.read_text()
 
 
 def test_client_profile_scores_a_csv_against_triton(compose):
@@ -156,12 +261,14 @@ def _third_party_imports(path: Path) -> set[str]:
 
 def test_image_adds_exactly_what_model_py_imports():
     version = ROOT / "model_repository" / "multitask" / "1"
-    imports = _third_party_imports(version / "model.py") | _third_party_imports(version / "multitask_core.py")
-    # triton_python_backend_utils comes with the python backend; multitask_core is the file beside model.py.
+    imports = set().union(*(_third_party_imports(path) for path in
+                            [version / "model.py", *sorted((version / "multitask_core").glob("*.py"))]))
+    # triton_python_backend_utils comes with the python backend; multitask_core is the package beside model.py.
     needed = imports - {"triton_python_backend_utils", "multitask_core"}
-    assert needed == {"numpy", "torch", "tokenizers", "safetensors"}, needed
-    requirements = {line.split("==")[0]: line.split("==")[1] for line in (DOCKER / "requirements.txt").read_text().split()
-                    if "==" in line and not line.startswith("#")}
+    assert {"numpy", "torch", "tokenizers", "safetensors"} <= needed, needed
+    words = (DOCKER / "requirements.txt").read_text().split()
+    pins = [word for word in words if "==" in word and not word.startswith("#")]
+    requirements = dict(line.split("==", 1) for line in pins)
     dockerfile = (DOCKER / "Dockerfile").read_text()
     assert needed - {"torch"} == set(requirements)
     assert "torch==" in dockerfile and "import numpy, torch, tokenizers, safetensors" in dockerfile

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mtl_serve.local import free_port, group_members
+from mtl_serve import free_port, group_members
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent

@@ -1,4 +1,4 @@
-"""Helpers of the reliability suite: the counts it reports, test data, subprocess runs."""
+"""Helpers of the reliability suite: the counts it reports, test data, subprocess runs, memory of a server."""
 from __future__ import annotations
 
 import csv
@@ -6,21 +6,17 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
+from mtl_serve.procs import SHM_FOLDER
+
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def configured_instances() -> int:
-    """serving.instance_count of the project's config: one python-backend stub process per instance."""
-    from mtl_build.config import load_config
-
-    return load_config(ROOT / "config.yaml").serving.instance_count
-
-
-INSTANCES = configured_instances()
+MIB = 1024 * 1024
 WORDS = ("the market rallied after strong quarterly earnings from the bank while the new phone update "
          "drained batteries and fans cheered the band's joyful album at a packed concert yesterday").split()
 
@@ -30,7 +26,8 @@ class Counts:
     """What the suite did, printed at the end of the run (pytest_terminal_summary below)."""
 
     inputs: int = 0  # requests, CLI runs, generated examples and start-ups fed to the system under test
-    faults: int = 0  # process and environment faults: kills, restarts, signals, corrupt files, busy ports
+    probes: int = 0  # of those inputs: canary inferences the servers' watchdogs sent
+    faults: int = 0  # process and environment faults: kills, stops, restarts, signals, corrupt files, busy ports
     rows_checked: int = 0  # rows whose delivery was checked (load responses, CLI outputs)
     rows_lost: int = 0  # of those: missing, duplicated, reordered or with the wrong row count
     notes: list[str] = field(default_factory=list)
@@ -38,6 +35,11 @@ class Counts:
     def rows(self, sent: int, delivered_ok: int) -> None:
         self.rows_checked += sent
         self.rows_lost += sent - delivered_ok
+
+    def canaries(self, server) -> None:
+        """Count the canary inferences a LocalTriton's watchdog sent (call when done with the server)."""
+        self.inputs += server.canaries_sent
+        self.probes += server.canaries_sent
 
 
 COUNTS = Counts()
@@ -76,3 +78,26 @@ def copy_repository(source: Path, target: Path) -> Path:
 
 def run(args: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def server_memory(server) -> dict[str, int]:
+    """Bytes held by a LocalTriton's Triton: RSS of tritonserver, RSS of its stubs, its /dev/shm regions."""
+    stubs = server.stub_pids()
+    return {
+        "tritonserver": psutil.Process(server.pid).memory_info().rss,
+        "stubs": sum(psutil.Process(pid).memory_info().rss for pid in stubs),
+        "shm": sum((SHM_FOLDER / name).stat().st_size for name in server.shm_regions if (SHM_FOLDER / name).exists()),
+    }
+
+
+def mib(memory: dict[str, int]) -> str:
+    return ", ".join(f"{name} {size / MIB:,.0f}" for name, size in memory.items()) + " MiB"
+
+
+def wait_for(predicate, timeout_s: float, interval_s: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()

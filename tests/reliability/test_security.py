@@ -7,18 +7,20 @@ refused; with it they get past the restriction (and model load/unload then meets
 """
 from __future__ import annotations
 
+import os
 import subprocess
 from multiprocessing import shared_memory
+from pathlib import Path
 
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from mtl_serve import LocalTriton
-from mtl_serve.local import ADMIN_HEADER, GRPC_ADMIN_HEADER
 from rel_helpers import BIN, COUNTS, read_output, write_csv
 from tritonclient.utils import InferenceServerException
 
 from mtl_client import MTLClientError, MultiTaskClient, ServerUnavailableError
+from mtl_serve import ADMIN_HEADER, GRPC_ADMIN_HEADER, LocalTriton
+from mtl_serve.procs import cmdline
 
 pytestmark = pytest.mark.reliability
 TEXTS = ["The bank's shares rallied after earnings", "This phone update is useless", "A joyful new album"]
@@ -165,3 +167,31 @@ def test_cli_over_tls_with_header(tls_server, certificate, tmp_path):
     assert plain.returncode == 1, plain.stderr
     assert plain.stderr.startswith("mtl-client: error: ") and len(plain.stderr.strip().splitlines()) == 1, plain.stderr
     assert not (tmp_path / "plain").exists()
+
+
+# -- keys stay out of what other local users can read ------------------------------------------------
+NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+
+
+def _as_nobody(*command: str) -> subprocess.CompletedProcess:
+    COUNTS.inputs += 1
+    return subprocess.run([*NOBODY, *command], capture_output=True, timeout=60)
+
+
+def test_keys_are_not_readable_by_another_local_user(tls_server):
+    # tls_server holds two keys: the per-start admin key, and the inference key given in extra_args.
+    keys = [tls_server.admin_key.encode(), API_KEY.encode()]
+    assert tls_server.secrets_hidden
+    pids = [tls_server.pid, *tls_server.stub_pids(), os.getpid()]
+    listing = _as_nobody("ps", "-eo", "pid,args", "ww")
+    assert listing.returncode == 0 and str(tls_server.pid).encode() in listing.stdout, listing.stderr
+    assert not [k for k in keys if k in listing.stdout]
+    for pid in pids:
+        command_line = _as_nobody("cat", f"/proc/{pid}/cmdline")
+        assert command_line.returncode == 0 and command_line.stdout, command_line.stderr  # readable: not the issue
+        assert not [k for k in keys if k in command_line.stdout], (pid, command_line.stdout[-300:])
+        assert _as_nobody("cat", f"/proc/{pid}/environ").returncode != 0  # the environment is its owner's only
+        # Even its owner finds the keys blanked in the environment block tritonserver started with.
+        assert not [k for k in keys if k in Path(f"/proc/{pid}/environ").read_bytes()], pid
+    assert "--grpc-restricted-protocol=(hidden)" in cmdline(tls_server.pid)
+    assert not [k for k in keys if k in tls_server.log_file.read_bytes()]

@@ -16,11 +16,29 @@ def write_config(tmp_path: Path, edit) -> Path:
     return path
 
 
+RAW = yaml.safe_load((ROOT / "config.yaml").read_text())
+TASK_NAMES = [task["name"] for task in RAW["tasks"]]
+
+
 def test_project_config_loads_with_tasks_in_order():
     config = load_config(ROOT / "config.yaml")
-    assert [t.name for t in config.tasks] == ["topic", "sentiment"]
-    assert config.tasks[0].labels == ["entertainment", "finance", "tech"]
-    assert config.resolve(config.data.train) == ROOT / "data" / "train.csv"
+    assert [t.name for t in config.tasks] == TASK_NAMES
+    assert [t.labels for t in config.tasks] == [task["labels"] for task in RAW["tasks"]]
+    assert config.resolve(config.data.train) == ROOT / RAW["data"]["train"]
+
+
+@pytest.mark.parametrize("section", ["training", "serving", "data"])
+def test_defaults_are_the_shipped_values(section):
+    """A key left out of config.yaml means what the shipped file says (the README documents those values)."""
+    from mtl_build import config as config_module
+
+    model = {"training": config_module.TrainingConfig, "serving": config_module.ServingConfig,
+             "data": config_module.DataConfig}[section]
+    defaults = model().model_dump(mode="json")
+    for key, value in RAW[section].items():
+        if key == "task_weights" or (section == "data" and key in ("train", "validation", "challenge")):
+            continue  # task names and data paths are the project's own, not defaults
+        assert defaults[key] == value, f"{section}.{key}: default {defaults[key]!r}, config.yaml {value!r}"
 
 
 @pytest.mark.parametrize(
@@ -37,7 +55,11 @@ def test_project_config_loads_with_tasks_in_order():
         (lambda c: c["tasks"].append({"name": "truncated", "labels": ["x", "y"]}), ["clash", "TRUNCATED"]),
         (lambda c: c["serving"].update(preferred_batch_sizes=[512]), ["preferred_batch_sizes [512]", "max_batch_size (256)"]),
         (lambda c: c["backbone"]["sha256"].update({"config.json": "abc"}), ["backbone.sha256", "not a lowercase hex SHA-256"]),
-        (lambda c: c["training"].update(task_weights={"colour": 2.0}), ["unknown tasks ['colour']", "valid: ['topic', 'sentiment']"]),
+        (lambda c: c["training"].update(task_weights={"colour": 2.0}), ["unknown tasks ['colour']", f"valid: {TASK_NAMES}"]),
+        (lambda c: c["serving"].update(runtime="tensorrt"), ["serving.runtime", "'onnxruntime'", "'tensorrt'"]),
+        (lambda c: c["serving"].update(tokens_per_forward=-1), ["serving.tokens_per_forward", "-1"]),
+        (lambda c: c["training"].update(autocast="float16"), ["training.autocast", "'bfloat16'", "'float16'"]),
+        (lambda c: c["training"].update(label_smoothing=1.5), ["training.label_smoothing", "1.5"]),
         (lambda c: c["tasks"][0].update(descriptions={"sport": "x"}), ["unknown labels ['sport']"]),
         (lambda c: c["serving"].update(output_filename="out.csv"), ["serving.output_filename", "{task}"]),
     ],

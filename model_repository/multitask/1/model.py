@@ -1,74 +1,105 @@
 """Triton python-backend adapter: every request of a dynamic batch goes through one tokenize + forward.
 
-The computation lives in multitask_core.py (tested without Triton); this file only moves tensors
-between Triton and it, and turns a bad row into that request's INVALID_ARG error.
+Everything the model computes lives in multitask_core.ServedModel (tested without Triton); this file only
+moves tensors between Triton and it, turns a bad row into that request's INVALID_ARG error, and publishes
+what multitask_core.metrics counted as mtl_* series on Triton's metrics endpoint (docs/metrics.md).
 """
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 # The bundled stub (pybind11 2.10) misreads numpy 2 arrays and dies on the first BYTES request:
-# refuse to load rather than serve a model that crashes (shared/triton-local.md).
+# refuse to load rather than serve a model that crashes (docs/triton-local.md).
 if int(np.__version__.split(".")[0]) >= 2:
     raise ImportError(f"the Triton python stub needs numpy<2, found {np.__version__} at {np.__file__}")
 
-import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
+# The core package sits beside this file; Triton does not put this folder on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import multitask_core as core  # noqa: E402
+from multitask_core import metrics as serving_metrics  # noqa: E402
+from multitask_core.served import ServedModel, row_slices  # noqa: E402
+from multitask_core.spec import INPUT_NAME, TRUNCATED_NAME  # noqa: E402
 
 
 class TritonPythonModel:
     def initialize(self, args):
         folder = Path(args["model_repository"]) / args["model_version"]
-        core.verify_artifacts(folder)
-        model_config = json.loads(args["model_config"])
-        self.spec = core.ServingSpec.from_model_config(model_config)
-        self.device = core.pick_device(self.spec.device)
-        if self.device.type == "cpu":
-            torch.set_num_threads(core.threads_per_instance(model_config, torch.get_num_threads()))
-        # float16 on a GPU, bfloat16 on an AMX CPU (serving.precision auto): about twice as fast, same labels.
-        dtype = core.pick_dtype(self.device, self.spec.precision)
-        self.model = core.load_model(folder, self.spec, self.device, dtype)
-        # Padded tokens per forward: small on a CPU (cache), a whole dynamic batch on a GPU.
-        self.token_budget = core.forward_token_budget(self.device)
-        self.tokenizer = core.load_tokenizer(folder / core.TOKENIZER_FILE, self.spec.max_tokens)
-        self.task_names = [task.name for task in self.spec.tasks]
-        pb_utils.Logger.log_info(
-            f"multitask ready: device={self.device} dtype={dtype} threads={torch.get_num_threads()} "
-            f"tasks={self.task_names} max_tokens={self.spec.max_tokens} numpy={np.__version__} torch={torch.__version__}"
-        )
+        config = json.loads(args["model_config"])
+        self.served = ServedModel.open(folder, config)
+        self._open_metrics(args, folder, config)
+        pb_utils.Logger.log_info(f"multitask ready: {self.served.describe()}; numpy {np.__version__}")
 
     def execute(self, requests):
         responses = [None] * len(requests)
-        texts, counts, accepted = [], [], []
+        texts, counts, accepted, counted = [], [], [], []
         for index, request in enumerate(requests):
             try:
-                rows = core.decode_texts(pb_utils.get_input_tensor_by_name(request, core.INPUT_NAME).as_numpy())
-            except core.RowError as exc:
+                rows = self.served.decode(pb_utils.get_input_tensor_by_name(request, INPUT_NAME).as_numpy())
+            except ValueError as exc:  # RowError names the row; an empty request says so
                 responses[index] = _error(str(exc), pb_utils.TritonError.INVALID_ARG)
+                self.metrics.record_rejection(serving_metrics.rejection_reason(exc))
                 continue
             texts.extend(rows)
             counts.append(len(rows))
             accepted.append(index)
+            counted.append(request.request_id() != serving_metrics.UNCOUNTED_REQUEST_ID)
         if not texts:
             return responses
         try:
-            batch = core.tokenize(self.tokenizer, texts, self.spec.max_tokens)
-            probabilities = core.predict_probabilities(self.model, batch, self.device, self.token_budget)
+            batch = self.served.encode(texts)
+            probabilities = self.served.run(batch)
         except Exception as exc:  # noqa: BLE001 - one failed batch must not take the instance down
             pb_utils.Logger.log_error(f"inference failed for {len(texts)} rows: {exc!r}")
             for index in accepted:
                 responses[index] = _error(f"inference failed: {exc}", pb_utils.TritonError.INTERNAL)
+            self.metrics.record_failure(len(accepted))
             return responses
-        for index, rows in zip(accepted, core.row_slices(counts)):
-            outputs = [pb_utils.Tensor(name, probabilities[name][rows]) for name in self.task_names]
-            outputs.append(pb_utils.Tensor(core.TRUNCATED_NAME, batch.truncated[rows].reshape(-1, 1)))
+        self.metrics.record_batch(probabilities, batch.truncated, counts, counted)
+        for index, rows in zip(accepted, row_slices(counts)):
+            outputs = [pb_utils.Tensor(name, probabilities[name][rows]) for name in self.served.task_names]
+            outputs.append(pb_utils.Tensor(TRUNCATED_NAME, batch.truncated[rows].reshape(-1, 1)))
             responses[index] = pb_utils.InferenceResponse(output_tensors=outputs)
         return responses
+
+    def finalize(self):
+        if self._flusher is not None:
+            self._flusher.stop()
+            pb_utils.Logger.log_info(f"mtl metrics: {self._flusher.describe()}")
+        # The python backend wants each Metric deleted before its MetricFamily.
+        self._metric_handles = {}
+        self._metric_families = {}
+
+    # -- metrics (counting in multitask_core.metrics; only Triton's registration and updates here) -----------
+    def _open_metrics(self, args, folder, config):
+        self.metrics, self._flusher, self._metric_handles, self._metric_families = (
+            serving_metrics.DisabledMetrics(), None, {}, {})
+        if not serving_metrics.enabled(os.environ):
+            pb_utils.Logger.log_info(f"mtl metrics off ({serving_metrics.ENV_SWITCH})")
+            return
+        tasks = [(task.name, task.labels) for task in self.served.spec.tasks]
+        constant = {"model": args["model_name"], "version": args["model_version"]}
+        kinds = {"counter": pb_utils.MetricFamily.COUNTER, "gauge": pb_utils.MetricFamily.GAUGE}
+        self._metric_families = {family.name: pb_utils.MetricFamily(name=family.name, description=family.description,
+                                                                    kind=kinds[family.kind])
+                                 for family in serving_metrics.FAMILIES}
+        tally = serving_metrics.ServingMetrics(tasks, int(config.get("max_batch_size") or 1), constant)
+        for series in tally.series():
+            self._metric_handles[series] = self._metric_families[series.family.name].Metric(labels=series.label_dict)
+        gauges, missing = serving_metrics.expected_gauges_in(folder, tasks, constant)
+        for series, value in gauges:
+            handle = self._metric_families[series.family.name].Metric(labels=series.label_dict)
+            handle.set(value)
+            self._metric_handles[series] = handle
+        if missing:
+            pb_utils.Logger.log_warn(f"mtl metrics: no gauge for {'; '.join(missing)}")
+        self.metrics = tally
+        self._flusher = serving_metrics.Flusher(
+            tally, lambda series, delta: self._metric_handles[series].increment(delta),
+            serving_metrics.flush_interval(os.environ), on_error=pb_utils.Logger.log_error).start()
 
 
 def _error(message, code):

@@ -1,3 +1,0 @@
-from perf.cli import main
-
-main()

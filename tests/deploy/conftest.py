@@ -1,7 +1,0 @@
-"""perf/, benchmarks/ and gpu/ are tools at the repository root, not installed packages: import them from there."""
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))

@@ -1,0 +1,5 @@
+"""`python -m mtl_tools.bench` (see --help)."""
+
+from .cli import main
+
+main()
