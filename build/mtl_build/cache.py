@@ -4,6 +4,7 @@ The digest covers the resolved configuration, the data files, the backbone's pin
 build and of the served core, and the versions of the libraries that shape the artifacts. It is stored in
 manifest.json; `mtl-build --force` rebuilds anyway.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,8 +17,19 @@ from multitask_core import files
 
 from .config import ProjectConfig
 
-LIBRARIES = ("torch", "numpy", "tokenizers", "safetensors", "emoji", "onnx", "onnxruntime", "openvino", "nncf",
-             "scikit-learn", "transformers")
+LIBRARIES = (
+    "torch",
+    "numpy",
+    "tokenizers",
+    "safetensors",
+    "emoji",
+    "onnx",
+    "onnxruntime",
+    "openvino",
+    "nncf",
+    "scikit-learn",
+    "transformers",
+)
 BUILD_DIR = Path(__file__).resolve().parent
 CLIENT_METRICS = BUILD_DIR.parents[1] / "client" / "mtl_client" / "metrics.py"
 
@@ -35,10 +47,16 @@ def _code_files(source_dir: Path) -> list[Path]:
 
 
 def build_inputs(config: ProjectConfig, source_dir: Path) -> dict:
-    data = {str(path): files.sha256_file(config.resolve(path)) for path in
-            (config.data.train, config.data.validation, config.data.challenge) if path is not None}
-    code = {path.name if path.parent == BUILD_DIR else str(path.relative_to(source_dir.parents[2])):
-            files.sha256_file(path) for path in _code_files(source_dir) if path.is_file()}
+    data = {
+        str(path): files.sha256_file(config.resolve(path))
+        for path in (config.data.train, config.data.validation, config.data.challenge)
+        if path is not None
+    }
+    code = {
+        path.name if path.parent == BUILD_DIR else str(path.relative_to(source_dir.parents[2])): files.sha256_file(path)
+        for path in _code_files(source_dir)
+        if path.is_file()
+    }
     parts = {
         "config": json.loads(config.model_dump_json(exclude={"root"})),
         "data": data,

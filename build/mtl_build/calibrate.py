@@ -3,6 +3,7 @@
 Dividing a head's weight and bias by T divides its logits by T, so every runtime serves the calibrated
 probabilities with no extra step.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -3,6 +3,7 @@
 The repository appears only when every step succeeded. Everything before training (config, backbone, data,
 the cache check) runs without importing torch, so a mistake is reported at once.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,19 +22,43 @@ from .errors import BuildError
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", type=click.Path(path_type=Path), default="config.yaml", show_default=True,
-              help="Project configuration: backbone, tasks and labels, training and serving settings.")
-@click.option("--output", type=click.Path(path_type=Path), default="model_repository", show_default=True,
-              help="Triton model repository to write; the model goes in <output>/<serving.model_name>/.")
-@click.option("--mode", type=click.Choice(["heads_only", "joint"]), default=None,
-              help="Override training.mode: heads_only (frozen encoder, fast) or joint (fine-tune everything).")
-@click.option("--precision", type=click.Choice(["auto", "float32"]), default=None,
-              help="Override serving.precision: auto (float16 on a GPU, bfloat16 on a fast-bfloat16 CPU) or float32.")
-@click.option("--runtime", type=click.Choice(["auto", "torch", "openvino", "onnxruntime"]), default=None,
-              help="Override serving.runtime: auto (OpenVINO int8 on a CPU, torch on a GPU), torch, openvino, onnxruntime.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default="config.yaml",
+    show_default=True,
+    help="Project configuration: backbone, tasks and labels, training and serving settings.",
+)
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path),
+    default="model_repository",
+    show_default=True,
+    help="Triton model repository to write; the model goes in <output>/<serving.model_name>/.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["heads_only", "joint"]),
+    default=None,
+    help="Override training.mode: heads_only (frozen encoder, fast) or joint (fine-tune everything).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "float32"]),
+    default=None,
+    help="Override serving.precision: auto (float16 on a GPU, bfloat16 on a fast-bfloat16 CPU) or float32.",
+)
+@click.option(
+    "--runtime",
+    type=click.Choice(["auto", "torch", "openvino", "onnxruntime"]),
+    default=None,
+    help="Override serving.runtime: auto (OpenVINO int8 on a CPU, torch on a GPU), torch, openvino, onnxruntime.",
+)
 @click.option("--force", is_flag=True, help="Rebuild even when the inputs are unchanged since the last build.")
-def main(config_path: Path, output: Path, mode: str | None, precision: str | None, runtime: str | None,
-         force: bool) -> None:
+def main(
+    config_path: Path, output: Path, mode: str | None, precision: str | None, runtime: str | None, force: bool
+) -> None:
     """Build the multi-task model repository from CONFIG and its labelled data.
 
     A build whose inputs (config, data, backbone, code, library versions) are unchanged is skipped.
@@ -61,22 +86,35 @@ def overridden(config: ProjectConfig, mode: str | None, precision: str | None, r
 
 def read_data(config: ProjectConfig) -> tuple[LabelledData, LabelledData, LabelledData | None]:
     def read(path: Path) -> LabelledData:
-        return read_labelled_csv(config.resolve(path), config.tasks, config.data.text_column, config.data.register_column)
+        return read_labelled_csv(
+            config.resolve(path), config.tasks, config.data.text_column, config.data.register_column
+        )
 
     challenge = read(config.data.challenge) if config.data.challenge is not None else None
     return read(config.data.train), read(config.data.validation), challenge
 
 
-def build(config_path: Path, output: Path, mode: str | None = None, precision: str | None = None,
-          runtime: str | None = None, *, force: bool = False, log=_echo) -> Path:
+def build(
+    config_path: Path,
+    output: Path,
+    mode: str | None = None,
+    precision: str | None = None,
+    runtime: str | None = None,
+    *,
+    force: bool = False,
+    log=_echo,
+) -> Path:
     started = time.perf_counter()
+    log = _stamped(log, started)
     config = overridden(load_config(config_path), mode, precision, runtime)
     backbone_dir = verify_backbone(config.backbone)
     log(f"backbone verified (SHA-256): {backbone_dir}")
     train_data, validation, challenge = read_data(config)
-    log(f"data: {len(train_data.texts):,} training, {len(validation.texts):,} validation"
+    log(
+        f"data: {len(train_data.texts):,} training, {len(validation.texts):,} validation"
         + (f", {len(challenge.texts):,} challenge rows" if challenge else "")
-        + f"; mode {config.training.mode}, seed {config.training.seed}")
+        + f"; mode {config.training.mode}, seed {config.training.seed}"
+    )
 
     from . import cache
     from .export import SOURCE_DIR, VERSION
@@ -84,8 +122,10 @@ def build(config_path: Path, output: Path, mode: str | None = None, precision: s
     version_dir = output / config.serving.model_name / VERSION
     inputs = cache.build_inputs(config, SOURCE_DIR)
     if not force and cache.unchanged(version_dir, inputs):
-        log(f"{version_dir}: inputs unchanged since its build (digest {inputs['digest'][:12]}); "
-            "skipping the build (--force rebuilds)")
+        log(
+            f"{version_dir}: inputs unchanged since its build (digest {inputs['digest'][:12]}); "
+            "skipping the build (--force rebuilds)"
+        )
         return version_dir
     if version_dir.exists() and not force:
         log(f"rebuilding: changed since the last build: {', '.join(cache.changed_parts(version_dir, inputs))}")
@@ -94,6 +134,15 @@ def build(config_path: Path, output: Path, mode: str | None = None, precision: s
     from .pipeline import run_pipeline
 
     return run_pipeline(config, backbone_dir, train_data, validation, challenge, output, inputs, started, log)
+
+
+def _stamped(log, started: float):
+    """Each progress line with the seconds since the build started: where a slow build spends its time."""
+
+    def stamped(message: str) -> None:
+        log(f"[{time.perf_counter() - started:4.0f}s] {message}")
+
+    return stamped
 
 
 def machine() -> str:

@@ -1,4 +1,5 @@
 """Typed view of config.yaml: parsed and validated once, then passed around as objects."""
+
 from __future__ import annotations
 
 import re
@@ -6,8 +7,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from .errors import BuildError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import BuildError
 
 # Triton tensor names and our output file template both embed the task name.
 TASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
@@ -65,7 +67,7 @@ class TaskConfig(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _descriptions_name_labels(self) -> "TaskConfig":
+    def _descriptions_name_labels(self) -> TaskConfig:
         unknown = set(self.descriptions) - set(self.labels)
         if unknown:
             raise ValueError(f"descriptions name unknown labels {sorted(unknown)}; valid: {self.labels}")
@@ -95,6 +97,9 @@ class TrainingConfig(_Strict):
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     # Joint mode: the embeddings and this many bottom layers stay pre-trained; their output is computed once.
     frozen_layers: int = Field(0, ge=0, le=64)
+    # Joint mode with frozen_layers 0: also keep the token, position and type embeddings as pre-trained
+    # (their optimiser state is half the model's parameters).
+    train_embeddings: bool = True
     # Layer-wise learning-rate decay: layer i below the top trains at encoder_learning_rate * decay**i.
     layer_lr_decay: float = Field(1.0, gt=0, le=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
@@ -138,7 +143,7 @@ class ServingConfig(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _preferred_within_max(self) -> "ServingConfig":
+    def _preferred_within_max(self) -> ServingConfig:
         too_big = [size for size in self.preferred_batch_sizes if not 1 <= size <= self.max_batch_size]
         if too_big:
             raise ValueError(f"preferred_batch_sizes {too_big} must lie in 1..max_batch_size ({self.max_batch_size})")
@@ -155,13 +160,15 @@ class ProjectConfig(_Strict):
     root: Path = Path(".")
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "ProjectConfig":
+    def _cross_checks(self) -> ProjectConfig:
         names = [task.name for task in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"task names must be unique, got {names}")
         clash = RESERVED_TENSOR_NAMES & {name.upper() for name in names}
         if clash:
-            raise ValueError(f"task names {sorted(clash)} clash with the model's own tensors {sorted(RESERVED_TENSOR_NAMES)}")
+            raise ValueError(
+                f"task names {sorted(clash)} clash with the model's own tensors {sorted(RESERVED_TENSOR_NAMES)}"
+            )
         unknown = set(self.training.task_weights) - set(names)
         if unknown:
             raise ValueError(f"training.task_weights names unknown tasks {sorted(unknown)}; valid: {names}")

@@ -1,4 +1,5 @@
 """Labelled CSV → texts plus one label-index array per task (-1 where a row has no label for it)."""
+
 from __future__ import annotations
 
 import csv
@@ -27,8 +28,9 @@ class LabelledData:
         return int((self.labels[task] >= 0).sum())
 
 
-def read_labelled_csv(path: Path, tasks: list[TaskConfig], text_column: str = "text",
-                      register_column: str | None = "register") -> LabelledData:
+def read_labelled_csv(
+    path: Path, tasks: list[TaskConfig], text_column: str = "text", register_column: str | None = "register"
+) -> LabelledData:
     if not path.is_file():
         raise DataError(f"{path}: labelled data file not found")
     with path.open(newline="", encoding="utf-8-sig") as handle:
@@ -44,8 +46,10 @@ def read_labelled_csv(path: Path, tasks: list[TaskConfig], text_column: str = "t
         # Row numbers count the header as line 1, as a spreadsheet shows them.
         for line, row in enumerate(reader, start=2):
             if None in row:  # more fields than the header: an unquoted comma, most likely
-                raise DataError(f"{path}, row {line}: {len(columns) + len(row[None])} fields but the header has "
-                                f"{len(columns)} (quote texts that contain commas)")
+                raise DataError(
+                    f"{path}, row {line}: {len(columns) + len(row[None])} fields but the header has "
+                    f"{len(columns)} (quote texts that contain commas)"
+                )
             text = (row.get(text_column) or "").strip()
             if not text:
                 raise DataError(f"{path}, row {line}, column {text_column!r}: empty text")
@@ -64,5 +68,8 @@ def read_labelled_csv(path: Path, tasks: list[TaskConfig], text_column: str = "t
                     )
     if not texts:
         raise DataError(f"{path}: no data rows")
-    return LabelledData(texts, {name: np.array(values, dtype=np.int64) for name, values in labels.items()},
-                        registers if has_registers else None)
+    return LabelledData(
+        texts,
+        {name: np.array(values, dtype=np.int64) for name, values in labels.items()},
+        registers if has_registers else None,
+    )

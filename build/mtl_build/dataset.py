@@ -5,6 +5,7 @@ registers, no duplicate or near-duplicate text within or across the splits, and 
 `python -m mtl_build.dataset assemble WRITTEN...` merged the writers' files (data/README.md says how); it
 is kept so that the split can be re-derived, and it is deterministic.
 """
+
 from __future__ import annotations
 
 import csv
@@ -48,9 +49,10 @@ def read_rows(path: Path) -> list[Row]:
         for line, raw in enumerate(reader, start=2):
             if None in raw:
                 raise ValueError(f"{path}, row {line}: more fields than the header")
-            row = Row(raw["text"].strip(), raw["topic"].strip(), raw["sentiment"].strip(), raw["register"].strip(),
-                      path.stem)
-            problems = [f"text is empty" for _ in [0] if not row.text]
+            row = Row(
+                raw["text"].strip(), raw["topic"].strip(), raw["sentiment"].strip(), raw["register"].strip(), path.stem
+            )
+            problems = ["text is empty" for _ in [0] if not row.text]
             problems += [f"topic {row.topic!r}" for _ in [0] if row.topic not in TOPICS]
             problems += [f"sentiment {row.sentiment!r}" for _ in [0] if row.sentiment not in SENTIMENTS]
             problems += [f"register {row.register!r}" for _ in [0] if row.register not in REGISTERS]
@@ -85,7 +87,9 @@ def _token_matrix(texts: list[str]) -> sparse.csr_matrix:
     return sparse.csr_matrix((data, indices, indptr), shape=(len(texts), max(1, len(vocabulary))))
 
 
-def near_duplicate_pairs(texts: list[str], threshold: float = NEAR_DUPLICATE, block: int = 2000) -> list[tuple[int, int, float]]:
+def near_duplicate_pairs(
+    texts: list[str], threshold: float = NEAR_DUPLICATE, block: int = 2000
+) -> list[tuple[int, int, float]]:
     """(i, j, similarity) with i < j for every pair of texts whose token Jaccard similarity exceeds `threshold`."""
     matrix = _token_matrix(texts)
     sizes = np.asarray(matrix.sum(axis=1)).ravel()
@@ -157,7 +161,9 @@ def check(folder: Path) -> list[str]:
     for i, j, similarity in near_duplicate_pairs([row.text for _, row in everything]):
         a, b = everything[i], everything[j]
         if key(a[1].text) != key(b[1].text):
-            problems.append(f"near-duplicates ({similarity:.2f}) in {a[0]} and {b[0]}: {a[1].text[:50]!r} / {b[1].text[:50]!r}")
+            problems.append(
+                f"near-duplicates ({similarity:.2f}) in {a[0]} and {b[0]}: {a[1].text[:50]!r} / {b[1].text[:50]!r}"
+            )
     return problems
 
 
@@ -190,7 +196,9 @@ def assemble_command(written: tuple[Path, ...], challenge_files: tuple[Path, ...
     kept, dropped = deduplicate(challenge_rows + pool)
     challenge_keys = {key(r.text) for r in challenge_rows}
     challenge = [r for r in kept if r.source in {p.stem for p in challenge_files}]
-    train_pool = [r for r in kept if r.source not in {p.stem for p in challenge_files} and key(r.text) not in challenge_keys]
+    train_pool = [
+        r for r in kept if r.source not in {p.stem for p in challenge_files} and key(r.text) not in challenge_keys
+    ]
     train, validation = split_validation(train_pool)
     rng = np.random.default_rng(SEED)
     challenge = [challenge[i] for i in rng.permutation(len(challenge))]
@@ -200,7 +208,9 @@ def assemble_command(written: tuple[Path, ...], challenge_files: tuple[Path, ...
         click.echo(f"{name}: {len(rows):,} rows")
     click.echo(f"dropped {len(dropped):,} duplicate or near-duplicate rows")
     for first, second, similarity in dropped[:40]:
-        click.echo(f"  {similarity:.2f} [{second.source}] {second.text[:70]!r}  ~  [{first.source}] {first.text[:70]!r}")
+        click.echo(
+            f"  {similarity:.2f} [{second.source}] {second.text[:70]!r}  ~  [{first.source}] {first.text[:70]!r}"
+        )
 
 
 if __name__ == "__main__":

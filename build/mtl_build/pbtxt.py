@@ -3,6 +3,7 @@
 The build renders a dict, which protobuf checks and serialises; readers parse the file back into the same
 dict Triton hands model.py. No string templates, no regular expressions.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

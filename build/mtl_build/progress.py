@@ -1,4 +1,5 @@
 """Progress of long build steps on stderr: done/total, elapsed and an ETA, at most every few seconds."""
+
 from __future__ import annotations
 
 import time
@@ -24,8 +25,10 @@ class Progress:
         elapsed = now - self.started
         eta = elapsed / self.done * (self.total - self.done)
         suffix = f", {detail}" if detail else ""
-        self.log(f"{self.label}: {self.done}/{self.total} ({100 * self.done / self.total:.0f}%), "
-                 f"{duration(elapsed)} elapsed, ~{duration(eta)} left{suffix}")
+        self.log(
+            f"{self.label}: {self.done}/{self.total} ({100 * self.done / self.total:.0f}%), "
+            f"{duration(elapsed)} elapsed, ~{duration(eta)} left{suffix}"
+        )
 
     def close(self) -> float:
         return time.monotonic() - self.started

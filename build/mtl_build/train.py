@@ -5,6 +5,7 @@ layers see only real tokens, so padding costs nothing here either. Speed levers,
 (docs/training.md): bfloat16 autocast on a CPU with fast bfloat16, frozen bottom layers whose outputs are
 computed once and cached, and length-grouped batches.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from sklearn.metrics import f1_score
+
 from multitask_core.encoder import Layout, MultiTaskModel
 from multitask_core.spec import cpu_has_fast_bfloat16
 from multitask_core.text import TextEncoder
-from safetensors.torch import load_file
-from sklearn.metrics import f1_score
 
 from .config import ProjectConfig, TaskConfig
 from .data import LabelledData
@@ -47,8 +49,11 @@ def load_pretrained(config: ProjectConfig, backbone_dir: Path, encoder_cfg: dict
     """The served module with the backbone's pre-trained encoder weights and fresh heads."""
     model = MultiTaskModel(encoder_cfg, {t.name: len(t.labels) for t in config.tasks}, config.backbone.normalize)
     # The checkpoint also holds a pooler (unused: mean pooling) and position-id buffers.
-    state = {k: v for k, v in load_file(str(backbone_dir / "model.safetensors")).items()
-             if not k.endswith("_ids") and not k.startswith("pooler.")}
+    state = {
+        k: v
+        for k, v in load_file(str(backbone_dir / "model.safetensors")).items()
+        if not k.endswith("_ids") and not k.startswith("pooler.")
+    }
     model.encoder.load_state_dict(state, strict=True)
     return model
 
@@ -62,7 +67,7 @@ class Encoded:
     truncated: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
 
     @classmethod
-    def of(cls, text: TextEncoder, texts: list[str], chunk: int = 512) -> "Encoded":
+    def of(cls, text: TextEncoder, texts: list[str], chunk: int = 512) -> Encoded:
         ids, flags = [], []
         for start in range(0, len(texts), chunk):
             batch = text.encode(texts[start : start + chunk])
@@ -103,8 +108,9 @@ def autocast_dtype(setting: str) -> torch.dtype | None:
 class FrozenPrefix:
     """The embeddings and the first `layers` encoder layers, run once per text and cached (packed, per row)."""
 
-    def __init__(self, model: MultiTaskModel, encoded: Encoded, layers: int, dtype: torch.dtype | None,
-                 chunk_tokens: int = 8192):
+    def __init__(
+        self, model: MultiTaskModel, encoded: Encoded, layers: int, dtype: torch.dtype | None, chunk_tokens: int = 8192
+    ):
         self.layers = layers
         self.rows: list[torch.Tensor] = [torch.empty(0)] * len(encoded.ids)
         encoder = model.encoder
@@ -136,8 +142,15 @@ def _class_weights(target: torch.Tensor, classes: int) -> torch.Tensor:
 class Trainer:
     """One training run of config.training's recipe; `history` keeps the per-epoch validation scores."""
 
-    def __init__(self, config: ProjectConfig, model: MultiTaskModel, text: TextEncoder, train: LabelledData,
-                 validation: LabelledData | None, log=None):
+    def __init__(
+        self,
+        config: ProjectConfig,
+        model: MultiTaskModel,
+        text: TextEncoder,
+        train: LabelledData,
+        validation: LabelledData | None,
+        log=None,
+    ):
         self.config, self.model, self.text = config, model, text
         self.settings = config.training
         self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
@@ -153,23 +166,31 @@ class Trainer:
             target = torch.from_numpy(self.train_data.labels[task.name])[index]
             labelled = target >= 0
             if labelled.any():
-                loss = F.cross_entropy(logits[task.name][labelled].float(), target[labelled], weight=weights[task.name],
-                                       label_smoothing=self.settings.label_smoothing)
+                loss = F.cross_entropy(
+                    logits[task.name][labelled].float(),
+                    target[labelled],
+                    weight=weights[task.name],
+                    label_smoothing=self.settings.label_smoothing,
+                )
                 total = total + self.config.task_weight(task.name) * loss
         return total
 
     def _weights(self) -> dict[str, torch.Tensor | None]:
         if not self.settings.class_balanced:
             return {t.name: None for t in self.supervised}
-        return {t.name: _class_weights(torch.from_numpy(self.train_data.labels[t.name]), len(t.labels))
-                for t in self.supervised}
+        return {
+            t.name: _class_weights(torch.from_numpy(self.train_data.labels[t.name]), len(t.labels))
+            for t in self.supervised
+        }
 
     # -- validation --------------------------------------------------------------------------------------
     @torch.inference_mode()
     def logits_of(self, encoded: Encoded, chunk_tokens: int = 4096) -> dict[str, np.ndarray]:
         """float32 logits of every text, the model in eval mode."""
         self.model.eval()
-        out = {name: np.zeros((len(encoded.ids), head.out_features), np.float32) for name, head in self.model.heads.items()}
+        out = {
+            name: np.zeros((len(encoded.ids), head.out_features), np.float32) for name, head in self.model.heads.items()
+        }
         order = np.argsort(-encoded.lengths, kind="stable")
         start = 0
         while start < len(order):
@@ -209,8 +230,9 @@ class Trainer:
         embeddings = torch.from_numpy(embed(self.model, encoded))
         self.log(f"embedded {len(encoded.ids)} training texts in {time.perf_counter() - started:.1f}s (encoder frozen)")
         heads = torch.nn.ModuleDict({t.name: self.model.heads[t.name] for t in self.supervised})
-        optimizer = torch.optim.AdamW(heads.parameters(), lr=self.settings.learning_rate,
-                                      weight_decay=self.settings.weight_decay)
+        optimizer = torch.optim.AdamW(
+            heads.parameters(), lr=self.settings.learning_rate, weight_decay=self.settings.weight_decay
+        )
         generator = torch.Generator().manual_seed(self.settings.seed)
         weights = self._weights()
         for epoch in range(self.settings.epochs):
@@ -231,13 +253,21 @@ class Trainer:
         s, encoder = self.settings, self.model.encoder
         layers = list(encoder.encoder.layer)
         groups = []
-        if frozen == 0:
-            groups.append({"params": list(encoder.embeddings.parameters()),
-                           "lr": s.encoder_learning_rate * s.layer_lr_decay ** len(layers)})
+        if frozen == 0 and s.train_embeddings:
+            groups.append(
+                {
+                    "params": list(encoder.embeddings.parameters()),
+                    "lr": s.encoder_learning_rate * s.layer_lr_decay ** len(layers),
+                }
+            )
         for depth, layer in enumerate(layers):
             if depth >= frozen:
-                groups.append({"params": list(layer.parameters()),
-                               "lr": s.encoder_learning_rate * s.layer_lr_decay ** (len(layers) - 1 - depth)})
+                groups.append(
+                    {
+                        "params": list(layer.parameters()),
+                        "lr": s.encoder_learning_rate * s.layer_lr_decay ** (len(layers) - 1 - depth),
+                    }
+                )
         groups.append({"params": list(self.model.heads.parameters()), "lr": s.learning_rate})
         return groups
 
@@ -249,16 +279,19 @@ class Trainer:
         encoded = Encoded.of(self.text, self.train_data.texts)
         validation = Encoded.of(self.text, self.validation.texts) if self.validation is not None else None
         for parameter in model.encoder.embeddings.parameters():
-            parameter.requires_grad_(frozen == 0)
+            parameter.requires_grad_(frozen == 0 and s.train_embeddings)
         for depth, layer in enumerate(model.encoder.encoder.layer):
             for parameter in layer.parameters():
                 parameter.requires_grad_(depth >= frozen)
         prefix = FrozenPrefix(model, encoded, frozen, dtype) if frozen else None
         if prefix is not None:
-            self.log(f"cached the frozen embeddings + {frozen} layer(s) for {len(encoded.ids)} texts "
-                     f"in {time.perf_counter() - started:.1f}s")
+            self.log(
+                f"cached the frozen embeddings + {frozen} layer(s) for {len(encoded.ids)} texts "
+                f"in {time.perf_counter() - started:.1f}s"
+            )
         groups = self._param_groups(frozen)
-        optimizer = torch.optim.AdamW(groups, weight_decay=s.weight_decay)
+        # fused: one kernel over all parameters, 21 ms a step here against 97 ms for the default (foreach).
+        optimizer = torch.optim.AdamW(groups, weight_decay=s.weight_decay, fused=True)
         generator = np.random.default_rng(s.seed)
         steps_per_epoch = math.ceil(len(encoded.ids) / s.batch_size)
         total = steps_per_epoch * s.joint_epochs
@@ -339,8 +372,15 @@ def init_zero_shot_head(model: MultiTaskModel, task: TaskConfig, text: TextEncod
         model.heads[task.name].bias.zero_()
 
 
-def train(config: ProjectConfig, backbone_dir: Path, encoder_cfg: dict, text: TextEncoder, train_data: LabelledData,
-          validation: LabelledData | None = None, log=None) -> tuple[MultiTaskModel, list[dict]]:
+def train(
+    config: ProjectConfig,
+    backbone_dir: Path,
+    encoder_cfg: dict,
+    text: TextEncoder,
+    train_data: LabelledData,
+    validation: LabelledData | None = None,
+    log=None,
+) -> tuple[MultiTaskModel, list[dict]]:
     """The trained module and the per-epoch history (joint mode)."""
     seed_everything(config.training.seed)
     model = load_pretrained(config, backbone_dir, encoder_cfg)

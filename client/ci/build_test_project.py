@@ -1,7 +1,8 @@
 """Build the tests' own project (tests/conftest.py's write_project) for client/ci/test-numpy2.sh.
 
-    python client/ci/build_test_project.py FOLDER   ->  FOLDER/project/config.yaml (+ its data), FOLDER/repo
+python client/ci/build_test_project.py FOLDER   ->  FOLDER/project/config.yaml (+ its data), FOLDER/repo
 """
+
 from __future__ import annotations
 
 import sys

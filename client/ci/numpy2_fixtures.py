@@ -5,6 +5,7 @@ server's packages (no torch, no mtl_build, no mtl_serve), backed by a server sta
     MTL_TEST_PROJECT     folder of that project's config.yaml and data (validation.csv)
     MTL_EXPECT_NUMPY     the numpy major version the run must be using (2)
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -34,8 +35,10 @@ def pytest_report_header(config) -> str:
     import mtl_client
 
     versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("tritonclient", "grpcio", "click"))
-    return (f"numpy {numpy.__version__}, {versions}; mtl_client from {Path(mtl_client.__file__).parent}; "
-            f"server {os.environ.get('MTL_CLIENT_TEST_URL')}")
+    return (
+        f"numpy {numpy.__version__}, {versions}; mtl_client from {Path(mtl_client.__file__).parent}; "
+        f"server {os.environ.get('MTL_CLIENT_TEST_URL')}"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -51,8 +54,12 @@ def test_config(test_config_path):
     """The fields of mtl_build's typed config that the client tests read, from the same config.yaml."""
     raw = yaml.safe_load(test_config_path.read_text())
     tasks = [SimpleNamespace(name=task["name"], labels=list(task["labels"])) for task in raw["tasks"]]
-    return SimpleNamespace(tasks=tasks, serving=SimpleNamespace(**raw["serving"]), data=SimpleNamespace(**raw["data"]),
-                           backbone=SimpleNamespace(**raw["backbone"]))
+    return SimpleNamespace(
+        tasks=tasks,
+        serving=SimpleNamespace(**raw["serving"]),
+        data=SimpleNamespace(**raw["data"]),
+        backbone=SimpleNamespace(**raw["backbone"]),
+    )
 
 
 @pytest.fixture(scope="session")

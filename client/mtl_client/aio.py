@@ -1,4 +1,5 @@
 """AsyncMultiTaskClient: the asyncio twin of MultiTaskClient over tritonclient.grpc.aio."""
+
 from __future__ import annotations
 
 import asyncio
@@ -43,16 +44,35 @@ class AsyncMultiTaskClient:
     failover and probes behave as in MultiTaskClient (the decision is shared: mtl_client.endpoints).
     """
 
-    def __init__(self, url: str | Sequence[str] = DEFAULT_URL, model: str = DEFAULT_MODEL, *,
-                 timeout_s: float = 60.0, retries: int = 3, ssl: bool = False,
-                 root_certificates: str | Path | None = None, private_key: str | Path | None = None,
-                 certificate_chain: str | Path | None = None, headers: Mapping[str, str] | None = None,
-                 concurrency: int = 4, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-                 channel_args: Mapping[str, Any] | Sequence[tuple[str, Any]] | None = None):
+    def __init__(
+        self,
+        url: str | Sequence[str] = DEFAULT_URL,
+        model: str = DEFAULT_MODEL,
+        *,
+        timeout_s: float = 60.0,
+        retries: int = 3,
+        ssl: bool = False,
+        root_certificates: str | Path | None = None,
+        private_key: str | Path | None = None,
+        certificate_chain: str | Path | None = None,
+        headers: Mapping[str, str] | None = None,
+        concurrency: int = 4,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        channel_args: Mapping[str, Any] | Sequence[tuple[str, Any]] | None = None,
+    ):
         self.settings = ClientSettings(
-            url, model, timeout_s=timeout_s, retries=retries, ssl=ssl, root_certificates=root_certificates,
-            private_key=private_key, certificate_chain=certificate_chain, headers=headers,
-            concurrency=concurrency, max_request_bytes=max_request_bytes, channel_args=channel_args,
+            url,
+            model,
+            timeout_s=timeout_s,
+            retries=retries,
+            ssl=ssl,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+            headers=headers,
+            concurrency=concurrency,
+            max_request_bytes=max_request_bytes,
+            channel_args=channel_args,
         )
         self._endpoints = EndpointPool(self.settings.urls, self.settings.backoff_s, self.settings.max_backoff_s)
         self._connected = False
@@ -96,7 +116,7 @@ class AsyncMultiTaskClient:
         for endpoint in self._endpoints:
             try:
                 endpoint.client = aioclient.InferenceServerClient(**self.settings.grpc_arguments(endpoint.url))
-            except Exception as exc:  # noqa: BLE001 - bad TLS material or url; tritonclient raises plain errors
+            except Exception as exc:  # bad TLS material or url; tritonclient raises plain errors
                 raise MTLClientError(f"cannot create a gRPC client for {endpoint.url}: {exc}") from exc
         self._contract_lock = asyncio.Lock()
         self._slots = asyncio.Semaphore(self.settings.concurrency)
@@ -107,9 +127,16 @@ class AsyncMultiTaskClient:
         """The result of `_request`, whichever endpoint answered."""
         return (await self._request(method, *args, **kwargs))[1]
 
-    async def _request(self, method: str, *args, rows=None, retries: int | None = None,
-                       timeout_s: float | None = None, only: Endpoint | None = None,
-                       **kwargs) -> tuple[Endpoint, Any]:
+    async def _request(
+        self,
+        method: str,
+        *args,
+        rows=None,
+        retries: int | None = None,
+        timeout_s: float | None = None,
+        only: Endpoint | None = None,
+        **kwargs,
+    ) -> tuple[Endpoint, Any]:
         """(endpoint that answered, its result); retries, failover and probes as decided by Attempts."""
         s = self.settings
         attempts = Attempts(self._endpoints, s.retries if retries is None else retries, only)
@@ -126,8 +153,9 @@ class AsyncMultiTaskClient:
                     attempts.probe_failed(endpoint, error)
                     continue
             try:
-                result = await getattr(endpoint.client, method)(*args, headers=s.headers,
-                                                                client_timeout=timeout_s or s.timeout_s, **kwargs)
+                result = await getattr(endpoint.client, method)(
+                    *args, headers=s.headers, client_timeout=timeout_s or s.timeout_s, **kwargs
+                )
             except InferenceServerException as exc:
                 error = translate(exc, url=endpoint.url, model=s.model, rows=rows)
                 if self._closed:
@@ -145,8 +173,14 @@ class AsyncMultiTaskClient:
             if not health.ok:
                 return ServerUnavailableError(f"server at {endpoint.url} is not ready ({health.describe()})")
             if self._endpoints.needs_verifying(endpoint):
-                config = await self._call("get_model_config", self.model, as_json=True, only=endpoint, retries=0,
-                                          timeout_s=self.settings.probe_timeout_s)
+                config = await self._call(
+                    "get_model_config",
+                    self.model,
+                    as_json=True,
+                    only=endpoint,
+                    retries=0,
+                    timeout_s=self.settings.probe_timeout_s,
+                )
                 self._endpoints.verify(endpoint, ModelContract.from_model_config(config, self.model))
             healthy = True
             return None
@@ -158,8 +192,9 @@ class AsyncMultiTaskClient:
             self._endpoints.probed(endpoint, healthy)
 
     # -- server and model status ---------------------------------------------------------------------
-    async def _endpoint_health(self, endpoint: Endpoint, timeout_s: float | None = None,
-                               retries: int | None = None) -> Health:
+    async def _endpoint_health(
+        self, endpoint: Endpoint, timeout_s: float | None = None, retries: int | None = None
+    ) -> Health:
         call = {"timeout_s": timeout_s, "retries": retries, "only": endpoint}
         live = await self._call("is_server_live", **call)
         ready = await self._call("is_server_ready", **call)
@@ -190,8 +225,9 @@ class AsyncMultiTaskClient:
         while True:
             remaining = deadline - time.monotonic()
             try:
-                health = await self.health(timeout_s=max(min(remaining, self.settings.timeout_s or remaining), 0.1),
-                                           retries=0)
+                health = await self.health(
+                    timeout_s=max(min(remaining, self.settings.timeout_s or remaining), 0.1), retries=0
+                )
                 if health.ok:
                     return health
                 last = health.describe()
@@ -199,7 +235,8 @@ class AsyncMultiTaskClient:
                 last = str(exc)
             if remaining <= 0:
                 raise ServerUnavailableError(
-                    f"model '{self.model}' at {self.url} not ready after {timeout_s:g}s ({last})")
+                    f"model '{self.model}' at {self.url} not ready after {timeout_s:g}s ({last})"
+                )
             await asyncio.sleep(min(interval_s, remaining))
 
     async def get_contract(self, refresh: bool = False) -> ModelContract:
@@ -220,8 +257,13 @@ class AsyncMultiTaskClient:
         contract = await self.get_contract()
         server = await self._call("get_server_metadata", as_json=True)
         model = await self._call("get_model_metadata", self.model, as_json=True)
-        return ModelInfo(contract, server.get("name", ""), server.get("version", ""),
-                         tuple(model.get("versions", ())), model.get("platform", ""))
+        return ModelInfo(
+            contract,
+            server.get("name", ""),
+            server.get("version", ""),
+            tuple(model.get("versions", ())),
+            model.get("platform", ""),
+        )
 
     # -- prediction ----------------------------------------------------------------------------------
     async def predict(self, texts: Iterable[str], batch_size: int = 64) -> list[Prediction]:
@@ -236,15 +278,17 @@ class AsyncMultiTaskClient:
             predictions.extend(batch_predictions)
         return predictions
 
-    async def predict_iter(self, texts: Iterable[str] | AsyncIterable[str], batch_size: int = 64
-                           ) -> AsyncIterator[Prediction]:
+    async def predict_iter(
+        self, texts: Iterable[str] | AsyncIterable[str], batch_size: int = 64
+    ) -> AsyncIterator[Prediction]:
         """Async generator of predictions in input order; `texts` may be a sync or an async iterable."""
         items = _acheck(texts) if isinstance(texts, AsyncIterable) else _aiter(checked_texts(texts))
         async for _, prediction in self.predict_items(items, batch_size):
             yield prediction
 
-    async def predict_items(self, items: Iterable[tuple[Any, str | None]] | AsyncIterable[tuple[Any, str | None]],
-                            batch_size: int = 64) -> AsyncIterator[tuple[Any, Prediction | None]]:
+    async def predict_items(
+        self, items: Iterable[tuple[Any, str | None]] | AsyncIterable[tuple[Any, str | None]], batch_size: int = 64
+    ) -> AsyncIterator[tuple[Any, Prediction | None]]:
         contract = await self.get_contract()
         builder = BatchBuilder(self.settings.max_rows(batch_size, contract), self.settings.max_request_bytes)
         source = items if isinstance(items, AsyncIterable) else _aiter(items)

@@ -1,4 +1,5 @@
 """What the sync and async clients share: settings, their checks, and the server-status types."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -45,9 +46,16 @@ class ModelInfo:
         c = self.contract
         return {
             "server": {"name": self.server_name, "version": self.server_version},
-            "model": {"name": c.model, "versions": list(self.model_versions), "platform": self.platform,
-                      "input": c.input_name, "max_batch_size": c.max_batch_size, "max_tokens": c.max_tokens,
-                      "truncated_output": c.truncated_output, "output_filename": c.output_filename},
+            "model": {
+                "name": c.model,
+                "versions": list(self.model_versions),
+                "platform": self.platform,
+                "input": c.input_name,
+                "max_batch_size": c.max_batch_size,
+                "max_tokens": c.max_tokens,
+                "truncated_output": c.truncated_output,
+                "output_filename": c.output_filename,
+            },
             "tasks": [{"name": t.name, "labels": list(t.labels)} for t in c.tasks],
         }
 
@@ -60,10 +68,12 @@ def normalize_url(url: str) -> str:
     """
     url = (url or "").strip()
     if url.startswith("grpc://"):
-        url = url[len("grpc://"):]
+        url = url[len("grpc://") :]
     if url.startswith(("http://", "https://")):
-        raise MTLClientError(f"{url} is an HTTP url; mtl-client speaks gRPC: give host:port of the gRPC endpoint "
-                             f"(Triton's default is port 8001)")
+        raise MTLClientError(
+            f"{url} is an HTTP url; mtl-client speaks gRPC: give host:port of the gRPC endpoint "
+            f"(Triton's default is port 8001)"
+        )
     if url.startswith(GRPC_SCHEMES):
         if not url.partition(":")[2].strip("/"):
             raise MTLClientError(f"bad gRPC target {url!r}: nothing after the scheme")
@@ -102,12 +112,24 @@ def channel_arguments(extra: Mapping[str, Any]) -> list[tuple[str, Any]]:
 class ClientSettings:
     """Validated constructor arguments of both clients."""
 
-    def __init__(self, url: str | Sequence[str] = DEFAULT_URL, model: str = DEFAULT_MODEL, *,
-                 timeout_s: float = 60.0, retries: int = 3, ssl: bool = False,
-                 root_certificates: str | Path | None = None, private_key: str | Path | None = None,
-                 certificate_chain: str | Path | None = None, headers: Mapping[str, str] | None = None,
-                 concurrency: int = 4, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, backoff_s: float = 0.1,
-                 max_backoff_s: float = 5.0, channel_args: Mapping[str, Any] | Sequence[tuple[str, Any]] | None = None):
+    def __init__(
+        self,
+        url: str | Sequence[str] = DEFAULT_URL,
+        model: str = DEFAULT_MODEL,
+        *,
+        timeout_s: float = 60.0,
+        retries: int = 3,
+        ssl: bool = False,
+        root_certificates: str | Path | None = None,
+        private_key: str | Path | None = None,
+        certificate_chain: str | Path | None = None,
+        headers: Mapping[str, str] | None = None,
+        concurrency: int = 4,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        backoff_s: float = 0.1,
+        max_backoff_s: float = 5.0,
+        channel_args: Mapping[str, Any] | Sequence[tuple[str, Any]] | None = None,
+    ):
         if timeout_s is not None and timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         if retries < 0:
@@ -126,8 +148,11 @@ class ClientSettings:
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         # gRPC metadata keys must be lowercase.
         self.headers = {str(k).lower(): str(v) for k, v in (headers or {}).items()} or None
-        tls = {"root_certificates": root_certificates, "private_key": private_key,
-               "certificate_chain": certificate_chain}
+        tls = {
+            "root_certificates": root_certificates,
+            "private_key": private_key,
+            "certificate_chain": certificate_chain,
+        }
         for name, path in tls.items():
             if path is not None and not Path(path).is_file():
                 raise MTLClientError(f"TLS {name.replace('_', ' ')} file {path} does not exist")
@@ -148,8 +173,12 @@ class ClientSettings:
             # gRPC's own reconnect backoff (up to 120 s) would hide a replica that came back from the probes.
             extra.setdefault("grpc.initial_reconnect_backoff_ms", max(int(self.backoff_s * 1000), 1))
             extra.setdefault("grpc.max_reconnect_backoff_ms", max(int(self.max_backoff_s * 1000), 1))
-        return {"url": url or self.urls[0], "ssl": self.ssl, **self.tls,
-                "channel_args": channel_arguments(extra) if extra else None}
+        return {
+            "url": url or self.urls[0],
+            "ssl": self.ssl,
+            **self.tls,
+            "channel_args": channel_arguments(extra) if extra else None,
+        }
 
     @staticmethod
     def max_rows(batch_size: int, contract: ModelContract) -> int:
@@ -166,8 +195,13 @@ def no_endpoint_answered(names: str, errors: list[MTLClientError]) -> MTLClientE
 def list_batches(texts: list, encoded: list[bytes], ranges: list[tuple[int, int]]):
     """Batches for an in-memory list, from plan_batches' ranges."""
     for start, stop in ranges:
-        yield Batch(first=start, tags=[None] * (stop - start), texts=texts[start:stop],
-                    sent=list(range(start, stop)), encoded=encoded[start:stop])
+        yield Batch(
+            first=start,
+            tags=[None] * (stop - start),
+            texts=texts[start:stop],
+            sent=list(range(start, stop)),
+            encoded=encoded[start:stop],
+        )
 
 
 def checked_texts(texts):

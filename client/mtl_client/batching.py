@@ -1,12 +1,13 @@
 """Splitting texts into requests: at most `max_rows` rows and `max_bytes` of tensor data per request."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .texts import EMPTY_TEXT, has_content
 from .errors import InvalidInputError, text_error
+from .texts import EMPTY_TEXT, has_content
 
 # gRPC's usual 4 MiB message limit (proxies and servers default to it), less room for the request's framing.
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024 - 64 * 1024
@@ -82,12 +83,13 @@ def encode_text(index: int, text: Any) -> bytes:
     """The UTF-8 bytes the server gets for `text`, or InvalidInputError naming its index."""
     if not isinstance(text, str):
         raise text_error(index, f"expected a str, got {type(text).__name__}")
-    if not has_content(text):
-        raise text_error(index, EMPTY_TEXT)
-    try:
-        return text.encode("utf-8")
+    try:  # first: a lone surrogate is "not UTF-8", which says more than "empty"
+        encoded = text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise text_error(index, f"cannot be encoded as UTF-8 ({exc.reason} at character {exc.start})") from None
+    if not has_content(text):
+        raise text_error(index, EMPTY_TEXT)
+    return encoded
 
 
 def check_texts(texts: Sequence[str], shown: int = 10) -> list[bytes]:
@@ -102,7 +104,10 @@ def check_texts(texts: Sequence[str], shown: int = 10) -> list[bytes]:
         listed = ", ".join(str(i) for i in empty[:shown]) + (", ..." if len(empty) > shown else "")
         raise InvalidInputError(
             f"{len(empty)} empty text(s) (nothing but whitespace, control or format characters) at index {listed}",
-            index=empty[0], indices=empty[:shown], count=len(empty), reason=EMPTY_TEXT,
+            index=empty[0],
+            indices=empty[:shown],
+            count=len(empty),
+            reason=EMPTY_TEXT,
         )
     return encoded
 
@@ -161,8 +166,9 @@ class BatchBuilder:
         return batch if batch.tags else None
 
 
-def stream_batches(items: Iterable[tuple[Any, str | None]], max_rows: int, max_bytes: int,
-                   max_items: int | None = None) -> Iterator[Batch]:
+def stream_batches(
+    items: Iterable[tuple[Any, str | None]], max_rows: int, max_bytes: int, max_items: int | None = None
+) -> Iterator[Batch]:
     """Lazily group (tag, text-or-None) items into Batches (see BatchBuilder)."""
     builder = BatchBuilder(max_rows, max_bytes, max_items)
     for tag, text in items:

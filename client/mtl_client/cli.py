@@ -1,5 +1,6 @@
 """`mtl-client`: score a CSV, evaluate on labelled data, check health, show the model. A thin layer over
 MultiTaskClient."""
+
 from __future__ import annotations
 
 import codecs
@@ -150,16 +151,42 @@ def _display_name(input_path: str) -> str:
 def _reading_options(command):
     """How INPUT is read and sent, the same for predict and evaluate."""
     options = [
-        click.option("--delimiter", default=",", show_default=True, callback=_check_delimiter,
-                     help="Field separator of INPUT: one character; '\\t' or tab for TSV."),
-        click.option("--encoding", default="utf-8", show_default=True, callback=_check_encoding,
-                     help="Encoding of INPUT; a UTF-8 byte-order mark is skipped."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
-                     help="Rows per request (capped by the model's max_batch_size and a 4 MB request)."),
-        click.option("--concurrency", type=click.IntRange(min=1), default=4, show_default=True,
-                     help="Requests in flight at once."),
-        click.option("--wait-ready", type=click.FloatRange(min=0), default=0, show_default=True,
-                     metavar="SECONDS", help="Wait up to SECONDS for the server and model to become ready first."),
+        click.option(
+            "--delimiter",
+            default=",",
+            show_default=True,
+            callback=_check_delimiter,
+            help="Field separator of INPUT: one character; '\\t' or tab for TSV.",
+        ),
+        click.option(
+            "--encoding",
+            default="utf-8",
+            show_default=True,
+            callback=_check_encoding,
+            help="Encoding of INPUT; a UTF-8 byte-order mark is skipped.",
+        ),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=64,
+            show_default=True,
+            help="Rows per request (capped by the model's max_batch_size and a 4 MB request).",
+        ),
+        click.option(
+            "--concurrency",
+            type=click.IntRange(min=1),
+            default=4,
+            show_default=True,
+            help="Requests in flight at once.",
+        ),
+        click.option(
+            "--wait-ready",
+            type=click.FloatRange(min=0),
+            default=0,
+            show_default=True,
+            metavar="SECONDS",
+            help="Wait up to SECONDS for the server and model to become ready first.",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -195,48 +222,109 @@ def _connection_options(command):
         return channel_args
 
     options = [
-        click.option("--url", multiple=True, default=(DEFAULT_URL,), show_default=True, envvar="MTL_CLIENT_URL",
-                     callback=check_urls, metavar="HOST:PORT",
-                     help="Triton gRPC endpoint; repeat it or give a comma list for several replicas: requests go "
-                          "round robin over the healthy ones and a failed one is skipped until it is healthy "
-                          "again. A gRPC target with a scheme (dns:///svc:8001) goes to gRPC as it is "
-                          "(env MTL_CLIENT_URL)."),
-        click.option("--model", default=DEFAULT_MODEL, show_default=True, envvar="MTL_CLIENT_MODEL",
-                     help="Model name (env MTL_CLIENT_MODEL)."),
-        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
-                     help="Seconds allowed for each call to the server."),
-        click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True,
-                     help="Retries of a call that fails with UNAVAILABLE (exponential backoff with jitter)."),
+        click.option(
+            "--url",
+            multiple=True,
+            default=(DEFAULT_URL,),
+            show_default=True,
+            envvar="MTL_CLIENT_URL",
+            callback=check_urls,
+            metavar="HOST:PORT",
+            help="Triton gRPC endpoint; repeat it or give a comma list for several replicas: requests go "
+            "round robin over the healthy ones and a failed one is skipped until it is healthy "
+            "again. A gRPC target with a scheme (dns:///svc:8001) goes to gRPC as it is "
+            "(env MTL_CLIENT_URL).",
+        ),
+        click.option(
+            "--model",
+            default=DEFAULT_MODEL,
+            show_default=True,
+            envvar="MTL_CLIENT_MODEL",
+            help="Model name (env MTL_CLIENT_MODEL).",
+        ),
+        click.option(
+            "--timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            default=60.0,
+            show_default=True,
+            help="Seconds allowed for each call to the server.",
+        ),
+        click.option(
+            "--retries",
+            type=click.IntRange(min=0),
+            default=3,
+            show_default=True,
+            help="Retries of a call that fails with UNAVAILABLE (exponential backoff with jitter).",
+        ),
         click.option("--ssl", is_flag=True, help="Use TLS (implied by the certificate options)."),
-        click.option("--root-certificates", type=click.Path(exists=True, dir_okay=False),
-                     help="PEM root certificates for TLS (default: the system's)."),
-        click.option("--private-key", type=click.Path(exists=True, dir_okay=False),
-                     help="PEM client key (mutual TLS)."),
-        click.option("--certificate-chain", type=click.Path(exists=True, dir_okay=False),
-                     help="PEM client certificate chain (mutual TLS)."),
-        click.option("--header", "headers", multiple=True, callback=_parse_headers, metavar="NAME=VALUE",
-                     help="Header sent with every call; repeatable."),
-        click.option("--channel-arg", "channel_args", multiple=True, callback=parse_channel_args,
-                     metavar="grpc.NAME=VALUE",
-                     help="gRPC channel option, e.g. grpc.lb_policy_name=round_robin with a dns:/// url of a "
-                          "headless Service; repeatable."),
+        click.option(
+            "--root-certificates",
+            type=click.Path(exists=True, dir_okay=False),
+            help="PEM root certificates for TLS (default: the system's).",
+        ),
+        click.option(
+            "--private-key", type=click.Path(exists=True, dir_okay=False), help="PEM client key (mutual TLS)."
+        ),
+        click.option(
+            "--certificate-chain",
+            type=click.Path(exists=True, dir_okay=False),
+            help="PEM client certificate chain (mutual TLS).",
+        ),
+        click.option(
+            "--header",
+            "headers",
+            multiple=True,
+            callback=_parse_headers,
+            metavar="NAME=VALUE",
+            help="Header sent with every call; repeatable.",
+        ),
+        click.option(
+            "--channel-arg",
+            "channel_args",
+            multiple=True,
+            callback=parse_channel_args,
+            metavar="grpc.NAME=VALUE",
+            help="gRPC channel option, e.g. grpc.lb_policy_name=round_robin with a dns:/// url of a "
+            "headless Service; repeatable.",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
     return command
 
 
-def _client(url, model, timeout, retries, ssl, root_certificates, private_key, certificate_chain, headers,
-            channel_args=None, concurrency: int = 4) -> MultiTaskClient:
+def _client(
+    url,
+    model,
+    timeout,
+    retries,
+    ssl,
+    root_certificates,
+    private_key,
+    certificate_chain,
+    headers,
+    channel_args=None,
+    concurrency: int = 4,
+) -> MultiTaskClient:
     """The client of --url (one endpoint, or several replicas) and the other connection options."""
-    return MultiTaskClient(url, model, timeout_s=timeout, retries=retries, ssl=ssl,
-                           root_certificates=root_certificates, private_key=private_key,
-                           certificate_chain=certificate_chain, headers=headers, concurrency=concurrency,
-                           channel_args=channel_args)
+    return MultiTaskClient(
+        url,
+        model,
+        timeout_s=timeout,
+        retries=retries,
+        ssl=ssl,
+        root_certificates=root_certificates,
+        private_key=private_key,
+        certificate_chain=certificate_chain,
+        headers=headers,
+        concurrency=concurrency,
+        channel_args=channel_args,
+    )
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
-             epilog=EXIT_CODES)
+@click.group(
+    cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}, epilog=EXIT_CODES
+)
 @click.version_option(_version(), "--version", "-V", prog_name="mtl-client", message="%(prog)s %(version)s")
 def main() -> None:
     """Client of the multi-task sentence classifier served by Triton over gRPC.
@@ -248,20 +336,51 @@ def main() -> None:
 @main.command(epilog=EXIT_CODES)
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--text-column", default="text", show_default=True, help="Column holding the texts.")
-@click.option("--id-column", default="id", show_default=True,
-              help="Column holding row ids; without it in the file, ids are 1-based row numbers.")
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default="outputs", show_default=True,
-              help="Folder for the per-task files, named by the server's output_filename template.")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="csv", show_default=True,
-              help="Output format; jsonl files get the .jsonl extension.")
+@click.option(
+    "--id-column",
+    default="id",
+    show_default=True,
+    help="Column holding row ids; without it in the file, ids are 1-based row numbers.",
+)
+@click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default="outputs",
+    show_default=True,
+    help="Folder for the per-task files, named by the server's output_filename template.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="csv",
+    show_default=True,
+    help="Output format; jsonl files get the .jsonl extension.",
+)
 @click.option("--probs", is_flag=True, help="Add a prob_<label> column per label.")
 @_reading_options
-@click.option("--allow-empty", is_flag=True,
-              help="Write rows with an empty text (nothing visible: whitespace, control or format characters "
-                   "such as U+200B) with an empty label and score, without sending them (default: an error).")
+@click.option(
+    "--allow-empty",
+    is_flag=True,
+    help="Write rows with an empty text (nothing visible: whitespace, control or format characters "
+    "such as U+200B) with an empty label and score, without sending them (default: an error).",
+)
 @_connection_options
-def predict(input_path, text_column, id_column, out_dir, fmt, probs, batch_size, concurrency, encoding, delimiter,
-            allow_empty, wait_ready, **connection) -> None:
+def predict(
+    input_path,
+    text_column,
+    id_column,
+    out_dir,
+    fmt,
+    probs,
+    batch_size,
+    concurrency,
+    encoding,
+    delimiter,
+    allow_empty,
+    wait_ready,
+    **connection,
+) -> None:
     """Score INPUT (a CSV with a header; - for stdin) and write one file per task into --out-dir.
 
     \b
@@ -285,12 +404,25 @@ def predict(input_path, text_column, id_column, out_dir, fmt, probs, batch_size,
     started = time.monotonic()
 
     def reader(stream) -> CsvInput:
-        return CsvInput(stream, display, text_column=text_column, id_column=id_column, id_required=id_required,
-                        encoding=encoding, delimiter=delimiter, max_row_chars=max_row_chars(DEFAULT_MAX_REQUEST_BYTES))
+        return CsvInput(
+            stream,
+            display,
+            text_column=text_column,
+            id_column=id_column,
+            id_required=id_required,
+            encoding=encoding,
+            delimiter=delimiter,
+            max_row_chars=max_row_chars(DEFAULT_MAX_REQUEST_BYTES),
+        )
 
     def checker(source: CsvInput, check_ids: bool) -> RowChecker:
-        return RowChecker(display, allow_empty=allow_empty, max_request_bytes=DEFAULT_MAX_REQUEST_BYTES,
-                          check_ids=check_ids, id_column=source.id_column)
+        return RowChecker(
+            display,
+            allow_empty=allow_empty,
+            max_request_bytes=DEFAULT_MAX_REQUEST_BYTES,
+            check_ids=check_ids,
+            id_column=source.id_column,
+        )
 
     with _errors(display), _sigterm_as_interrupt():
         origin = InputSource(input_path)
@@ -311,8 +443,10 @@ def predict(input_path, text_column, id_column, out_dir, fmt, probs, batch_size,
                 client.wait_until_ready(wait_ready)
             contract = client.get_contract()
             progress = _Progress(total)
-            with origin.open() as stream, AtomicOutputs(out_dir, contract.output_files(fmt), contract.tasks,
-                                                        fmt, probs) as outputs:
+            with (
+                origin.open() as stream,
+                AtomicOutputs(out_dir, contract.output_files(fmt), contract.tasks, fmt, probs) as outputs,
+            ):
                 source = reader(stream)
                 # Checked again as sent (stdin and pipes had no first pass; a file may have changed since).
                 check = checker(source, prescan is None and source.id_index is not None)
@@ -350,14 +484,33 @@ def predict(input_path, text_column, id_column, out_dir, fmt, probs, batch_size,
 @click.argument("input_path", metavar="LABELLED", type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--text-column", default="text", show_default=True, help="Column holding the texts.")
 @_reading_options
-@click.option("--allow-empty", is_flag=True,
-              help="Leave out rows with an empty text (nothing visible) instead of failing on them.")
+@click.option(
+    "--allow-empty",
+    is_flag=True,
+    help="Leave out rows with an empty text (nothing visible) instead of failing on them.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON instead of the table.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png",
-              help="Also write a PNG of the confusion matrices and reliability diagrams (needs mtl-client[plot]).")
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE.png",
+    help="Also write a PNG of the confusion matrices and reliability diagrams (needs mtl-client[plot]).",
+)
 @_connection_options
-def evaluate(input_path, text_column, batch_size, concurrency, encoding, delimiter, allow_empty, wait_ready, as_json,
-             plot_path, **connection) -> None:
+def evaluate(
+    input_path,
+    text_column,
+    batch_size,
+    concurrency,
+    encoding,
+    delimiter,
+    allow_empty,
+    wait_ready,
+    as_json,
+    plot_path,
+    **connection,
+) -> None:
     """Score a labelled CSV (- for stdin) through the server and report each task's metrics.
 
     \b
@@ -378,13 +531,22 @@ def evaluate(input_path, text_column, batch_size, concurrency, encoding, delimit
             raise _Fail(str(exc), EXIT_USAGE) from None
 
     def reader(stream, contract) -> tuple[CsvInput, tuple]:
-        source = CsvInput(stream, display, text_column=text_column, id_column=None, encoding=encoding,
-                          delimiter=delimiter, max_row_chars=max_row_chars(DEFAULT_MAX_REQUEST_BYTES))
+        source = CsvInput(
+            stream,
+            display,
+            text_column=text_column,
+            id_column=None,
+            encoding=encoding,
+            delimiter=delimiter,
+            max_row_chars=max_row_chars(DEFAULT_MAX_REQUEST_BYTES),
+        )
         return source, label_tasks(source, contract)
 
     def checkers(tasks) -> tuple[RowChecker, LabelChecker]:
-        return (RowChecker(display, allow_empty=allow_empty, max_request_bytes=DEFAULT_MAX_REQUEST_BYTES,
-                           check_ids=False), LabelChecker(display, tasks))
+        return (
+            RowChecker(display, allow_empty=allow_empty, max_request_bytes=DEFAULT_MAX_REQUEST_BYTES, check_ids=False),
+            LabelChecker(display, tasks),
+        )
 
     def read_on(rows, check: RowChecker, labels: LabelChecker) -> None:
         # Stop sending, but read on so the message counts every bad row.
@@ -427,8 +589,9 @@ def evaluate(input_path, text_column, batch_size, concurrency, encoding, delimit
 
                 for (found, empty_text), prediction in client.predict_items(items(), batch_size):
                     evaluation.add(found, prediction, empty_text)
-            report = evaluation.report(input=display, model=contract.model, url=client.url,
-                                       checked_before_sending=prescanned)
+            report = evaluation.report(
+                input=display, model=contract.model, url=client.url, checked_before_sending=prescanned
+            )
             if plot_path is not None:
                 write_plot(report, plot_path)
 
@@ -444,8 +607,11 @@ def _warn_duplicates(check: RowChecker) -> None:
     count, pairs = check.duplicate_ids()
     if count:
         listed = ", ".join(f"rows {a} and {b}" for a, b in pairs) + (", ..." if count > len(pairs) else "")
-        click.echo(f"mtl-client: warning: {check.name}: {count} row(s) repeat an earlier row's id ({listed}); "
-                   "every row is still written", err=True)
+        click.echo(
+            f"mtl-client: warning: {check.name}: {count} row(s) repeat an earlier row's id ({listed}); "
+            "every row is still written",
+            err=True,
+        )
 
 
 class _Progress:
@@ -488,8 +654,14 @@ def _duration(seconds: float) -> str:
 
 
 @main.command(epilog=EXIT_CODES)
-@click.option("--wait", type=click.FloatRange(min=0), default=0, show_default=True, metavar="SECONDS",
-              help="Wait up to SECONDS for the server and the model to become ready.")
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Wait up to SECONDS for the server and the model to become ready.",
+)
 @_connection_options
 def health(wait, **connection) -> None:
     """Report whether the server is live and ready and the model is ready.
@@ -527,8 +699,10 @@ def info(as_json, **connection) -> None:
     click.echo(f"input: {c.input_name}; max batch size {c.max_batch_size}; max tokens {c.max_tokens or '?'}")
     tokens = c.tokens_per_forward
     per_forward = "?" if tokens is None else ("the device's default" if tokens == 0 else f"{tokens:,}")
-    click.echo(f"serving: precision {c.precision or '?'}, runtime {c.runtime or '?'}, device {c.device or '?'}, "
-               f"tokens per forward {per_forward}")
+    click.echo(
+        f"serving: precision {c.precision or '?'}, runtime {c.runtime or '?'}, device {c.device or '?'}, "
+        f"tokens per forward {per_forward}"
+    )
     files = c.output_files()
     click.echo("tasks:")
     for task in c.tasks:

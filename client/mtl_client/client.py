@@ -1,4 +1,5 @@
 """MultiTaskClient: the synchronous client, several gRPC requests in flight from a thread pool."""
+
 from __future__ import annotations
 
 import threading
@@ -44,23 +45,41 @@ class MultiTaskClient:
     {"grpc.lb_policy_name": "round_robin"} for a `dns:///` name with several addresses.
     """
 
-    def __init__(self, url: str | Sequence[str] = DEFAULT_URL, model: str = DEFAULT_MODEL, *,
-                 timeout_s: float = 60.0, retries: int = 3, ssl: bool = False,
-                 root_certificates: str | Path | None = None, private_key: str | Path | None = None,
-                 certificate_chain: str | Path | None = None, headers: Mapping[str, str] | None = None,
-                 concurrency: int = 4, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-                 channel_args: Mapping[str, Any] | Sequence[tuple[str, Any]] | None = None):
+    def __init__(
+        self,
+        url: str | Sequence[str] = DEFAULT_URL,
+        model: str = DEFAULT_MODEL,
+        *,
+        timeout_s: float = 60.0,
+        retries: int = 3,
+        ssl: bool = False,
+        root_certificates: str | Path | None = None,
+        private_key: str | Path | None = None,
+        certificate_chain: str | Path | None = None,
+        headers: Mapping[str, str] | None = None,
+        concurrency: int = 4,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        channel_args: Mapping[str, Any] | Sequence[tuple[str, Any]] | None = None,
+    ):
         self.settings = ClientSettings(
-            url, model, timeout_s=timeout_s, retries=retries, ssl=ssl, root_certificates=root_certificates,
-            private_key=private_key, certificate_chain=certificate_chain, headers=headers,
-            concurrency=concurrency, max_request_bytes=max_request_bytes, channel_args=channel_args,
+            url,
+            model,
+            timeout_s=timeout_s,
+            retries=retries,
+            ssl=ssl,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+            headers=headers,
+            concurrency=concurrency,
+            max_request_bytes=max_request_bytes,
+            channel_args=channel_args,
         )
-        self._endpoints = EndpointPool(self.settings.urls, self.settings.backoff_s,
-                                               self.settings.max_backoff_s)
+        self._endpoints = EndpointPool(self.settings.urls, self.settings.backoff_s, self.settings.max_backoff_s)
         try:
             for endpoint in self._endpoints:
                 endpoint.client = grpcclient.InferenceServerClient(**self.settings.grpc_arguments(endpoint.url))
-        except Exception as exc:  # noqa: BLE001 - bad TLS material or url; tritonclient raises plain errors
+        except Exception as exc:  # bad TLS material or url; tritonclient raises plain errors
             self._close_channels()
             raise MTLClientError(f"cannot create a gRPC client for {endpoint.url}: {exc}") from exc
         self._closed = threading.Event()
@@ -112,8 +131,16 @@ class MultiTaskClient:
         """The result of `_request`, whichever endpoint answered."""
         return self._request(method, *args, **kwargs)[1]
 
-    def _request(self, method: str, *args, rows=None, retries: int | None = None, timeout_s: float | None = None,
-                 only: Endpoint | None = None, **kwargs) -> tuple[Endpoint, Any]:
+    def _request(
+        self,
+        method: str,
+        *args,
+        rows=None,
+        retries: int | None = None,
+        timeout_s: float | None = None,
+        only: Endpoint | None = None,
+        **kwargs,
+    ) -> tuple[Endpoint, Any]:
         """(endpoint that answered, its result); retries, failover and probes as decided by Attempts."""
         s = self.settings
         attempts = Attempts(self._endpoints, s.retries if retries is None else retries, only)
@@ -132,8 +159,9 @@ class MultiTaskClient:
                     attempts.probe_failed(endpoint, error)
                     continue
             try:
-                result = getattr(endpoint.client, method)(*args, headers=s.headers,
-                                                          client_timeout=timeout_s or s.timeout_s, **kwargs)
+                result = getattr(endpoint.client, method)(
+                    *args, headers=s.headers, client_timeout=timeout_s or s.timeout_s, **kwargs
+                )
             except InferenceServerException as exc:
                 error = translate(exc, url=endpoint.url, model=s.model, rows=rows)
                 if self._closed.is_set():
@@ -155,8 +183,14 @@ class MultiTaskClient:
             if not health.ok:
                 return ServerUnavailableError(f"server at {endpoint.url} is not ready ({health.describe()})")
             if self._endpoints.needs_verifying(endpoint):
-                config = self._call("get_model_config", self.model, as_json=True, only=endpoint, retries=0,
-                                    timeout_s=self.settings.probe_timeout_s)
+                config = self._call(
+                    "get_model_config",
+                    self.model,
+                    as_json=True,
+                    only=endpoint,
+                    retries=0,
+                    timeout_s=self.settings.probe_timeout_s,
+                )
                 self._endpoints.verify(endpoint, ModelContract.from_model_config(config, self.model))
             healthy = True
             return None
@@ -168,8 +202,9 @@ class MultiTaskClient:
             self._endpoints.probed(endpoint, healthy)
 
     # -- server and model status ---------------------------------------------------------------------
-    def _endpoint_health(self, endpoint: Endpoint, timeout_s: float | None = None,
-                         retries: int | None = None) -> Health:
+    def _endpoint_health(
+        self, endpoint: Endpoint, timeout_s: float | None = None, retries: int | None = None
+    ) -> Health:
         call = {"timeout_s": timeout_s, "retries": retries, "only": endpoint}
         live = self._call("is_server_live", **call)
         ready = self._call("is_server_ready", **call)
@@ -214,7 +249,8 @@ class MultiTaskClient:
                 last = str(exc)
             if remaining <= 0 or self._closed.wait(min(interval_s, max(remaining, 0))):
                 raise ServerUnavailableError(
-                    f"model '{self.model}' at {self.url} not ready after {timeout_s:g}s ({last})")
+                    f"model '{self.model}' at {self.url} not ready after {timeout_s:g}s ({last})"
+                )
 
     def get_contract(self, refresh: bool = False) -> ModelContract:
         """Tasks, labels, tensor names and limits, read once from the server's model config.
@@ -236,8 +272,13 @@ class MultiTaskClient:
         contract = self.get_contract()
         server = self._call("get_server_metadata", as_json=True)
         model = self._call("get_model_metadata", self.model, as_json=True)
-        return ModelInfo(contract, server.get("name", ""), server.get("version", ""),
-                         tuple(model.get("versions", ())), model.get("platform", ""))
+        return ModelInfo(
+            contract,
+            server.get("name", ""),
+            server.get("version", ""),
+            tuple(model.get("versions", ())),
+            model.get("platform", ""),
+        )
 
     # -- prediction ----------------------------------------------------------------------------------
     def predict(self, texts: Iterable[str], batch_size: int = 64) -> list[Prediction]:
@@ -259,8 +300,9 @@ class MultiTaskClient:
         for _, prediction in self.predict_items(checked_texts(texts), batch_size):
             yield prediction
 
-    def predict_items(self, items: Iterable[tuple[Any, str | None]], batch_size: int = 64
-                      ) -> Iterator[tuple[Any, Prediction | None]]:
+    def predict_items(
+        self, items: Iterable[tuple[Any, str | None]], batch_size: int = 64
+    ) -> Iterator[tuple[Any, Prediction | None]]:
         """Like predict_iter over (tag, text) pairs, yielding (tag, prediction) in input order.
 
         An item whose text is None is not sent; it comes back as (tag, None) in its place.

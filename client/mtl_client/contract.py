@@ -2,6 +2,7 @@
 
 The client has no copy of any label or task name; everything here comes from `get_model_config`.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,12 @@ class ModelContract:
 
     def serving(self) -> dict:
         """The server's run settings as given in its config: precision, runtime, device, tokens per forward."""
-        return {"precision": self.precision, "runtime": self.runtime, "device": self.device,
-                "tokens_per_forward": self.tokens_per_forward}
+        return {
+            "precision": self.precision,
+            "runtime": self.runtime,
+            "device": self.device,
+            "tokens_per_forward": self.tokens_per_forward,
+        }
 
     def task(self, name: str) -> TaskSpec:
         for task in self.tasks:
@@ -77,7 +82,8 @@ class ModelContract:
         max_batch_size = _int(config.get("max_batch_size", 0), f"{where}: max_batch_size")
         if max_batch_size <= 0:
             raise ModelContractError(
-                f"{where}: max_batch_size is {max_batch_size}; this client needs a batching model (> 0)")
+                f"{where}: max_batch_size is {max_batch_size}; this client needs a batching model (> 0)"
+            )
 
         inputs = config.get("input") or []
         strings = [i for i in inputs if i.get("data_type") == "TYPE_STRING"]
@@ -89,8 +95,14 @@ class ModelContract:
         tasks = _parse_tasks(parameters.get("tasks"), where)
         outputs = {o.get("name"): o for o in config.get("output") or []}
         for task in tasks:
-            _check_output(outputs, task.name, "TYPE_FP32", len(task.labels), where,
-                          f"task '{task.name}' ({len(task.labels)} labels)")
+            _check_output(
+                outputs,
+                task.name,
+                "TYPE_FP32",
+                len(task.labels),
+                where,
+                f"task '{task.name}' ({len(task.labels)} labels)",
+            )
         truncated = parameters.get("truncated_output") or "TRUNCATED"
         _check_output(outputs, truncated, "TYPE_BOOL", 1, where, "the truncated flag")
 
@@ -107,8 +119,9 @@ class ModelContract:
             precision=parameters.get("precision") or None,
             runtime=parameters.get("runtime") or None,
             device=parameters.get("device") or None,
-            tokens_per_forward=(_int(tokens_per_forward, f"{where}: parameter tokens_per_forward")
-                                if tokens_per_forward else None),
+            tokens_per_forward=(
+                _int(tokens_per_forward, f"{where}: parameter tokens_per_forward") if tokens_per_forward else None
+            ),
         )
         _check_filenames(contract, where)
         return contract
@@ -168,10 +181,10 @@ def _parse_tasks(raw: str | None, where: str) -> tuple[TaskSpec, ...]:
         labels = item.get("labels") if isinstance(item, dict) else None
         if not isinstance(name, str) or not name:
             raise ModelContractError(f"{where}: tasks[{position}] has no string 'name': {item!r:.200}")
-        if (not isinstance(labels, list) or not labels
-                or not all(isinstance(label, str) and label for label in labels)):
+        if not isinstance(labels, list) or not labels or not all(isinstance(label, str) and label for label in labels):
             raise ModelContractError(
-                f"{where}: task '{name}' needs a non-empty list of string 'labels', got {labels!r:.200}")
+                f"{where}: task '{name}' needs a non-empty list of string 'labels', got {labels!r:.200}"
+            )
         if len(set(labels)) != len(labels):
             raise ModelContractError(f"{where}: task '{name}' repeats a label: {labels}")
         if name in names:

@@ -1,4 +1,5 @@
 """Reading the CLI's input CSV lazily, with messages that name the row and the problem."""
+
 from __future__ import annotations
 
 import array
@@ -41,7 +42,7 @@ def parse_delimiter(value: str) -> str:
     delimiter = named.get(value, value)
     if len(delimiter) != 1:
         raise ValueError(f"{value!r} is not one character (use '\\t' or 'tab' for a tab)")
-    if delimiter in "\"\r\n" or delimiter.isalnum():
+    if delimiter in '"\r\n' or delimiter.isalnum():
         raise ValueError(f"{value!r} cannot separate fields (a quote, a line break, a letter or a digit)")
     return delimiter
 
@@ -141,7 +142,7 @@ class _Lines:
         while match := _BREAK.search(pending, max(start, scan_from)):
             if not final and match.group() == "\r" and match.end() == len(pending):
                 break  # maybe the first half of a \r\n split across reads
-            lines.append(pending[start:match.end()])
+            lines.append(pending[start : match.end()])
             start = match.end()
         return lines, start
 
@@ -191,9 +192,18 @@ class CsvInput:
     as soon as that much is read), and at the end if there was no data row at all.
     """
 
-    def __init__(self, stream: BinaryIO, name: str, *, text_column: str = "text", id_column: str | None = "id",
-                 id_required: bool = False, encoding: str = "utf-8", delimiter: str = ",",
-                 max_row_chars: int | None = None):
+    def __init__(
+        self,
+        stream: BinaryIO,
+        name: str,
+        *,
+        text_column: str = "text",
+        id_column: str | None = "id",
+        id_required: bool = False,
+        encoding: str = "utf-8",
+        delimiter: str = ",",
+        max_row_chars: int | None = None,
+    ):
         self.name = name
         self.encoding = encoding
         self.delimiter = delimiter
@@ -235,7 +245,8 @@ class CsvInput:
             if column in seen:
                 raise InputFileError(
                     f"{self.name}: the header names column {column!r} twice (columns {seen[column]} and {position}); "
-                    f"each column needs its own name")
+                    f"each column needs its own name"
+                )
             seen[column] = position
 
     def _next_record(self, where: str) -> list[str] | None:
@@ -246,21 +257,26 @@ class CsvInput:
         except StopIteration:
             return None
         except UnicodeDecodeError as exc:
-            bad = exc.object[exc.start:exc.start + 4].hex(" ") if isinstance(exc.object, bytes) else "?"
+            bad = exc.object[exc.start : exc.start + 4].hex(" ") if isinstance(exc.object, bytes) else "?"
             raise InputFileError(
                 f"{self.name}: {where} (line {self._lines.line}) is not valid {self.encoding} (bytes {bad}: "
                 f"{exc.reason}); if the file uses another encoding, pass it with --encoding, e.g. --encoding latin-1",
-                index=self.rows_read if where != "header" else None, reason="undecodable bytes",
+                index=self.rows_read if where != "header" else None,
+                reason="undecodable bytes",
             ) from None
         except csv.Error as exc:
-            raise InputFileError(f"{self.name}: {where} (line {self._lines.line}) is not valid CSV: {exc}",
-                                 index=self.rows_read if where != "header" else None, reason=str(exc)) from None
+            raise InputFileError(
+                f"{self.name}: {where} (line {self._lines.line}) is not valid CSV: {exc}",
+                index=self.rows_read if where != "header" else None,
+                reason=str(exc),
+            ) from None
         except _RowTooLarge:
             raise InputFileError(
                 f"{self.name}: {where} (from line {first_line}) is too large: over {self.max_row_chars:,} characters "
                 f"were read without reaching its end, more than one request can carry; shorten its text "
                 f"(the model reads only its first tokens anyway)",
-                index=self.rows_read if where != "header" else None, reason="row too large",
+                index=self.rows_read if where != "header" else None,
+                reason="row too large",
             ) from None
 
     def _read_header(self) -> list[str]:
@@ -286,14 +302,16 @@ class CsvInput:
                 separator = "a tab" if self.delimiter == "\t" else repr(self.delimiter)
                 raise InputFileError(
                     f"{self.name}: row {number} has {fields} but the header has {width} (line {first_line}): "
-                    f"a text holding {separator} must be quoted (\"...\")",
-                    index=number - 1, reason=f"{fields} but the header has {width}",
+                    f'a text holding {separator} must be quoted ("...")',
+                    index=number - 1,
+                    reason=f"{fields} but the header has {width}",
                 )
             if len(record) <= needed:
                 raise InputFileError(
                     f"{self.name}: row {number} has {fields} but the header has {width} (line {first_line}): "
                     f"no value for column {self.header[needed]!r}",
-                    index=number - 1, reason="short row",
+                    index=number - 1,
+                    reason="short row",
                 )
             row_id = record[self.id_index] if self.id_index is not None else number
             yield InputRow(number, row_id, record[self.text_index], tuple(record[i] for i in self.extra_indices))
@@ -308,8 +326,16 @@ class RowChecker:
     empty rows, and counters.
     """
 
-    def __init__(self, name: str, *, allow_empty: bool, max_request_bytes: int, check_ids: bool, shown: int = 5,
-                 id_column: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        *,
+        allow_empty: bool,
+        max_request_bytes: int,
+        check_ids: bool,
+        shown: int = 5,
+        id_column: str | None = None,
+    ):
         self.name = name
         self.allow_empty = allow_empty
         self.max_text_bytes = max_request_bytes - ELEMENT_OVERHEAD
@@ -346,7 +372,8 @@ class RowChecker:
             raise InputFileError(
                 f"{self.name}: row {row.number}: the text is {size:,} bytes of UTF-8, more than fits in one request "
                 f"({self.max_text_bytes:,} bytes); shorten it (the model reads only its first tokens anyway)",
-                index=row.number - 1, reason="text too large",
+                index=row.number - 1,
+                reason="text too large",
             )
         return True
 
@@ -362,19 +389,24 @@ class RowChecker:
         problems, first = [], []
         if self.empty_id_count:
             column = f" (column {self.id_column!r})" if self.id_column else ""
-            problems.append(f"{self.empty_id_count} row(s) with an empty id{column}: "
-                            f"row {self._listed(self.empty_id_rows, self.empty_id_count)} (give every row an id)")
+            problems.append(
+                f"{self.empty_id_count} row(s) with an empty id{column}: "
+                f"row {self._listed(self.empty_id_rows, self.empty_id_count)} (give every row an id)"
+            )
             first.append(self.empty_id_rows[0])
         if self.empty_count and not self.allow_empty:
-            problems.append(f"{self.empty_count} row(s) with an {EMPTY_TEXT}: "
-                            f"row {self._listed(self.empty_rows, self.empty_count)} "
-                            f"(fix them, or pass --allow-empty to write them unscored)")
+            problems.append(
+                f"{self.empty_count} row(s) with an {EMPTY_TEXT}: "
+                f"row {self._listed(self.empty_rows, self.empty_count)} "
+                f"(fix them, or pass --allow-empty to write them unscored)"
+            )
             first.append(self.empty_rows[0])
-        rows = sorted(set(self.empty_id_rows + (self.empty_rows if not self.allow_empty else [])))[:self.shown]
+        rows = sorted(set(self.empty_id_rows + (self.empty_rows if not self.allow_empty else [])))[: self.shown]
         only_texts = not self.empty_id_count
         return InputFileError(
             f"{self.name}: {'; '.join(problems)}",
-            index=min(first) - 1, indices=[r - 1 for r in rows],
+            index=min(first) - 1,
+            indices=[r - 1 for r in rows],
             count=self.empty_count if only_texts else None,
             reason=EMPTY_TEXT if only_texts else "empty id",
         )

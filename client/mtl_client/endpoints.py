@@ -6,6 +6,7 @@ contract) before it gets traffic again, while the failed call moves on to anothe
 up only when every endpoint has failed it `retries` + 1 times over, with backoff between the rounds.
 One endpoint behaves as a plain retry loop: it is never taken out, the call is simply retried.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,8 +48,13 @@ class Step:
 class EndpointPool:
     """The endpoints of one client: round robin, take-out on failure, and probes with backoff."""
 
-    def __init__(self, urls: Iterable[str], backoff_s: float = 0.1, max_backoff_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        urls: Iterable[str],
+        backoff_s: float = 0.1,
+        max_backoff_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.endpoints = [Endpoint(url) for url in urls]
         if not self.endpoints:
             raise MTLClientError("no server url given")
@@ -144,7 +150,8 @@ class EndpointPool:
             source = self._source.url if self._source else "the first endpoint"
             raise ModelContractError(
                 f"replica {endpoint.url} serves a different model contract than {source}: "
-                f"{contract_difference(self.contract, contract)}; every endpoint must serve the same model")
+                f"{contract_difference(self.contract, contract)}; every endpoint must serve the same model"
+            )
         endpoint.verified = True
 
 
@@ -239,12 +246,15 @@ def _has_grpc_scheme(url: str) -> bool:
 
 def contract_difference(expected: ModelContract, found: ModelContract) -> str:
     """What differs between two contracts, field by field, for an error message."""
+
     def shown(value):
         if isinstance(value, tuple) and value and hasattr(value[0], "labels"):
             return "; ".join(f"{task.name}: {', '.join(task.labels)}" for task in value)
         return repr(value)
 
-    parts = [f"{field.name} {shown(getattr(found, field.name))} instead of {shown(getattr(expected, field.name))}"
-             for field in dataclasses.fields(expected)
-             if getattr(found, field.name) != getattr(expected, field.name)]
+    parts = [
+        f"{field.name} {shown(getattr(found, field.name))} instead of {shown(getattr(expected, field.name))}"
+        for field in dataclasses.fields(expected)
+        if getattr(found, field.name) != getattr(expected, field.name)
+    ]
     return ", ".join(parts) or "the contracts differ"

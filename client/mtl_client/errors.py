@@ -1,4 +1,5 @@
 """The client's one error tree, and the one place tritonclient's exceptions are translated into it."""
+
 from __future__ import annotations
 
 import random
@@ -44,8 +45,15 @@ class InvalidInputError(MTLClientError):
     known, `indices` the first few of them, `count` how many there are in all, `reason` the problem alone.
     """
 
-    def __init__(self, message: str, *, index: int | None = None, indices: Sequence[int] = (), count: int | None = None,
-                 reason: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        index: int | None = None,
+        indices: Sequence[int] = (),
+        count: int | None = None,
+        reason: str | None = None,
+    ):
         super().__init__(message)
         self.index = index
         self.indices = tuple(indices) if indices else ((index,) if index is not None else ())
@@ -94,8 +102,10 @@ def speaks_tls(url: str, timeout_s: float = 2.0) -> bool:
     context.verify_mode = ssl.CERT_NONE
     context.set_alpn_protocols(["h2"])
     try:
-        with socket.create_connection(address, timeout=timeout_s) as raw, \
-                context.wrap_socket(raw, server_hostname=address[0]):
+        with (
+            socket.create_connection(address, timeout=timeout_s) as raw,
+            context.wrap_socket(raw, server_hostname=address[0]),
+        ):
             return True
     except (OSError, ValueError):
         return False
@@ -107,28 +117,34 @@ def _tls_error(status: str, message: str, url: str, tls: bool | None) -> TlsMism
     if _NOT_TLS.search(message):
         return TlsMismatchError(
             f"server at {url} is unavailable over TLS: it does not speak TLS (the handshake failed with "
-            f"WRONG_VERSION_NUMBER); connect without --ssl and the certificate options (ssl=False)")
+            f"WRONG_VERSION_NUMBER); connect without --ssl and the certificate options (ssl=False)"
+        )
     untrusted = _UNTRUSTED.search(message)
     if untrusted:
         return TlsMismatchError(
             f"server at {url} is unavailable over TLS: its certificate is not trusted ({untrusted.group(1).strip()}); "
-            f"pass the CA that signed it with --root-certificates CA.pem (root_certificates=)")
+            f"pass the CA that signed it with --root-certificates CA.pem (root_certificates=)"
+        )
     # A TLS server closes a plaintext connection without a word: only a handshake of our own tells them apart.
     if _SOCKET_CLOSED.search(message) and speaks_tls(url):
         if tls is None:
-            advice = ("a plaintext client needs --ssl (with --root-certificates CA.pem for a private CA); "
-                      "a TLS client may lack the client certificate it requires (--private-key, --certificate-chain)")
+            advice = (
+                "a plaintext client needs --ssl (with --root-certificates CA.pem for a private CA); "
+                "a TLS client may lack the client certificate it requires (--private-key, --certificate-chain)"
+            )
         elif tls:
             advice = "it may require a client certificate: pass --private-key and --certificate-chain"
         else:
             advice = "connect with --ssl (with --root-certificates CA.pem for a private CA), or ssl=True"
-        return TlsMismatchError(f"server at {url} is unavailable: it serves gRPC over TLS and closed the connection; "
-                                f"{advice}")
+        return TlsMismatchError(
+            f"server at {url} is unavailable: it serves gRPC over TLS and closed the connection; {advice}"
+        )
     return None
 
 
-def translate(error: InferenceServerException, *, url: str, model: str,
-              rows: Sequence[int] | None = None, tls: bool | None = None) -> MTLClientError:
+def translate(
+    error: InferenceServerException, *, url: str, model: str, rows: Sequence[int] | None = None, tls: bool | None = None
+) -> MTLClientError:
     """Map a tritonclient exception to this package's tree.
 
     `rows` are the caller-side indices of the rows of the failed request, so that the server's
@@ -145,8 +161,9 @@ def translate(error: InferenceServerException, *, url: str, model: str,
     if status in ("UNAVAILABLE", "CANCELLED") or (status == "NOT_FOUND" and "no available versions" in message):
         return ServerUnavailableError(f"server at {url} is unavailable: {message}")
     if status == "INTERNAL" and _STUB_UNHEALTHY.search(message):
-        return ServerUnavailableError(f"server at {url} is unavailable: its model process died and is being "
-                                      f"restarted ({message})")
+        return ServerUnavailableError(
+            f"server at {url} is unavailable: its model process died and is being restarted ({message})"
+        )
     if status == "DEADLINE_EXCEEDED":
         return RequestTimeoutError(f"request to {url} timed out ({message})")
     if status == "NOT_FOUND":
@@ -167,5 +184,5 @@ def is_transient(error: MTLClientError) -> bool:
 
 def backoff_delay(attempt: int, base_s: float = 0.1, cap_s: float = 5.0, rng: random.Random | None = None) -> float:
     """Seconds to wait before retry `attempt` (0-based): exponential, capped, with equal jitter."""
-    ceiling = min(cap_s, base_s * (2 ** attempt))
+    ceiling = min(cap_s, base_s * (2**attempt))
     return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)

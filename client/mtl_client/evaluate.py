@@ -4,6 +4,7 @@ A column named like one of the server's tasks holds that task's true labels; an 
 row unlabelled for that task. The numbers are `metrics.classification_report`'s, the same as the
 build's model card.
 """
+
 from __future__ import annotations
 
 import array
@@ -24,7 +25,8 @@ def label_tasks(source: CsvInput, contract: ModelContract) -> tuple[TaskSpec, ..
         listed = "; ".join(f"{t.name} ({', '.join(t.labels)})" for t in contract.tasks)
         raise InputFileError(
             f"{source.name}: no label column: name a column after a task of model '{contract.model}' "
-            f"(its tasks: {listed}); columns found: {source.columns_text}")
+            f"(its tasks: {listed}); columns found: {source.columns_text}"
+        )
     source.select_columns([task.name for task in tasks])
     return tasks
 
@@ -64,13 +66,20 @@ class LabelChecker:
 
     def error(self) -> InputFileError:
         number, task, value = self.first_bad
-        message = (f"{self.name}: row {number}, column {task.name!r}: {value!r} is not a label of task "
-                   f"{task.name!r} (valid labels: {', '.join(task.labels)}; an empty cell leaves the row unlabelled)")
+        message = (
+            f"{self.name}: row {number}, column {task.name!r}: {value!r} is not a label of task "
+            f"{task.name!r} (valid labels: {', '.join(task.labels)}; an empty cell leaves the row unlabelled)"
+        )
         if self.bad_count > 1:
             listed = ", ".join(map(str, self.bad_rows)) + (", ..." if self.bad_count > len(self.bad_rows) else "")
             message += f"; {self.bad_count} unknown labels in all (rows {listed})"
-        return InputFileError(message, index=number - 1, indices=[r - 1 for r in self.bad_rows],
-                              count=self.bad_count, reason=f"unknown label {value!r} for task {task.name!r}")
+        return InputFileError(
+            message,
+            index=number - 1,
+            indices=[r - 1 for r in self.bad_rows],
+            count=self.bad_count,
+            reason=f"unknown label {value!r} for task {task.name!r}",
+        )
 
 
 class Evaluation:
@@ -105,23 +114,40 @@ class Evaluation:
         tasks = {}
         for task in self.tasks:
             truth = np.frombuffer(self.truth[task.name], dtype=np.int64) if self.truth[task.name] else np.zeros(0, int)
-            values = (np.frombuffer(self.probabilities[task.name], dtype=np.float64) if self.probabilities[task.name]
-                      else np.zeros(0))
+            values = (
+                np.frombuffer(self.probabilities[task.name], dtype=np.float64)
+                if self.probabilities[task.name]
+                else np.zeros(0)
+            )
             tasks[task.name] = classification_report(truth, values.reshape(len(truth), len(task.labels)), task.labels)
-        return {**about, "rows": self.rows, "rows_scored": self.scored, "rows_skipped_empty_text": self.skipped_empty,
-                "ece_bins": ECE_BINS, "tasks": tasks}
+        return {
+            **about,
+            "rows": self.rows,
+            "rows_scored": self.scored,
+            "rows_skipped_empty_text": self.skipped_empty,
+            "ece_bins": ECE_BINS,
+            "tasks": tasks,
+        }
 
 
 def _table(rows: list[list[str]], right_from: int = 1) -> list[str]:
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    return ["  " + "  ".join(cell.rjust(w) if c >= right_from else cell.ljust(w)
-                             for c, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip() for row in rows]
+    return [
+        "  "
+        + "  ".join(
+            cell.rjust(w) if c >= right_from else cell.ljust(w)
+            for c, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    ]
 
 
 def format_report(report: dict) -> str:
     """The report as plain text: per task its summary line, per-class table and confusion matrix."""
-    lines = [f"{report.get('input', 'input')}: {report['rows']:,} rows, {report['rows_scored']:,} scored by model "
-             f"'{report.get('model', '?')}' at {report.get('url', '?')}"]
+    lines = [
+        f"{report.get('input', 'input')}: {report['rows']:,} rows, {report['rows_scored']:,} scored by model "
+        f"'{report.get('model', '?')}' at {report.get('url', '?')}"
+    ]
     if report.get("rows_skipped_empty_text"):
         lines[0] += f" ({report['rows_skipped_empty_text']:,} labelled rows with an empty text skipped)"
     for name, result in report["tasks"].items():
@@ -130,9 +156,11 @@ def format_report(report: dict) -> str:
             lines.append(f"{name}: no labelled rows")
             continue
         lines.append(f"{name}: {result['rows']:,} labelled rows")
-        lines.append(f"  accuracy {result['accuracy']:.4f}   macro-F1 {result['macro_f1']:.4f}   "
-                     f"macro-recall {result['macro_recall']:.4f}   ECE {result['ece']:.4f} "
-                     f"({report['ece_bins']} bins, top label)")
+        lines.append(
+            f"  accuracy {result['accuracy']:.4f}   macro-F1 {result['macro_f1']:.4f}   "
+            f"macro-recall {result['macro_recall']:.4f}   ECE {result['ece']:.4f} "
+            f"({report['ece_bins']} bins, top label)"
+        )
         per_class = [["label", "precision", "recall", "f1", "support"]]
         for label in result["labels"]:
             c = result["per_class"][label]
@@ -140,7 +168,9 @@ def format_report(report: dict) -> str:
         lines.extend(_table(per_class))
         lines.append("  confusion matrix (rows: true label, columns: predicted label)")
         matrix = [["", *result["labels"]]]
-        matrix += [[label, *map(str, counts)]
-                   for label, counts in zip(result["labels"], result["confusion_matrix"], strict=True)]
+        matrix += [
+            [label, *map(str, counts)]
+            for label, counts in zip(result["labels"], result["confusion_matrix"], strict=True)
+        ]
         lines.extend("  " + line for line in _table(matrix))
     return "\n".join(lines)

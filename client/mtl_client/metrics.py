@@ -3,6 +3,7 @@
 The build scores its validation and challenge sets with these functions too, so `mtl-client evaluate`
 on a user's data and the model card mean the same thing by each number.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -28,9 +29,15 @@ def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BIN
     for b in range(bins):
         members = index == b
         count = int(members.sum())
-        out.append({"low": float(edges[b]), "high": float(edges[b + 1]), "rows": count,
-                    "confidence": float(confidence[members].mean()) if count else None,
-                    "accuracy": float(correct[members].mean()) if count else None})
+        out.append(
+            {
+                "low": float(edges[b]),
+                "high": float(edges[b + 1]),
+                "rows": count,
+                "confidence": float(confidence[members].mean()) if count else None,
+                "accuracy": float(correct[members].mean()) if count else None,
+            }
+        )
     return out
 
 
@@ -39,16 +46,22 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     total = len(confidence)
     if total == 0:
         return 0.0
-    return float(sum(b["rows"] / total * abs(b["accuracy"] - b["confidence"])
-                     for b in reliability(confidence, correct, bins) if b["rows"]))
+    return float(
+        sum(
+            b["rows"] / total * abs(b["accuracy"] - b["confidence"])
+            for b in reliability(confidence, correct, bins)
+            if b["rows"]
+        )
+    )
 
 
 def _ratio(numerator: float, denominator: float) -> float:
     return float(numerator / denominator) if denominator else 0.0
 
 
-def classification_report(truth: Sequence[int], probabilities: np.ndarray, labels: Sequence[str],
-                          bins: int = ECE_BINS) -> dict:
+def classification_report(
+    truth: Sequence[int], probabilities: np.ndarray, labels: Sequence[str], bins: int = ECE_BINS
+) -> dict:
     """accuracy, macro-F1, macro-recall, per-class precision/recall/F1/support, confusion matrix and ECE.
 
     `truth` holds label indices (rows without a label left out by the caller); `probabilities` is [rows, labels].
@@ -63,8 +76,12 @@ def classification_report(truth: Sequence[int], probabilities: np.ndarray, label
         tp, support, claimed = matrix[k, k], matrix[k].sum(), matrix[:, k].sum()
         precision, recall = _ratio(tp, claimed), _ratio(tp, support)
         f1 = _ratio(2 * precision * recall, precision + recall)
-        per_class[label] = {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4),
-                            "support": int(support)}
+        per_class[label] = {
+            "precision": round(precision, 4),
+            "recall": round(recall, 4),
+            "f1": round(f1, 4),
+            "support": int(support),
+        }
         if support or claimed:
             present.append((recall, f1))
     confidence = probabilities.max(axis=1) if len(truth) else np.zeros(0)

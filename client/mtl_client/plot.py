@@ -1,4 +1,5 @@
 """`mtl-client evaluate --plot FILE.png`: confusion matrices and reliability diagrams (the `plot` extra)."""
+
 from __future__ import annotations
 
 import os
@@ -61,8 +62,14 @@ def _confusion(axis, name: str, result: dict) -> None:
     axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     for true in range(len(labels)):
         for predicted in range(len(labels)):
-            axis.text(predicted, true, f"{int(counts[true, predicted])}", ha="center", va="center",
-                      color="white" if shares[true, predicted] > 0.5 else "black")
+            axis.text(
+                predicted,
+                true,
+                f"{int(counts[true, predicted])}",
+                ha="center",
+                va="center",
+                color="white" if shares[true, predicted] > 0.5 else "black",
+            )
     axis.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     axis.set_yticks(range(len(labels)), labels)
     axis.set_xlabel("predicted label")
@@ -76,8 +83,13 @@ def _reliability(axis, name: str, result: dict) -> None:
     filled = [b for b in bins if b["rows"]]
     centers = [(b["low"] + b["high"]) / 2 for b in filled]
     axis.bar(centers, [b["accuracy"] for b in filled], width=width * 0.9, color="tab:blue", label="accuracy")
-    axis.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], "o", color="tab:orange",
-              label="bin (mean confidence, accuracy)")
+    axis.plot(
+        [b["confidence"] for b in filled],
+        [b["accuracy"] for b in filled],
+        "o",
+        color="tab:orange",
+        label="bin (mean confidence, accuracy)",
+    )
     axis.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
     for center, b in zip(centers, filled, strict=True):
         axis.text(center, min(b["accuracy"] + 0.02, 0.97), f"{b['rows']}", ha="center", fontsize=8)

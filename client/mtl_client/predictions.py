@@ -1,4 +1,5 @@
 """Typed results: one Prediction per input text, one TaskPrediction per task."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ class Prediction:
         return {
             "text": self.text,
             "truncated": self.truncated,
-            "tasks": {name: {"label": r.label, "score": r.score, "probabilities": dict(r.probabilities)}
-                      for name, r in self.tasks.items()},
+            "tasks": {
+                name: {"label": r.label, "score": r.score, "probabilities": dict(r.probabilities)}
+                for name, r in self.tasks.items()
+            },
         }

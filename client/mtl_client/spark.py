@@ -9,6 +9,7 @@ server when the UDF is built, so its result type is the served model's. Each Spa
 MultiTaskClient (`shared_client`) for all its batches, with `concurrency` requests in flight; the workers
 of an executor each have their own. Scale-out arithmetic: docs/scale.md.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -24,16 +25,17 @@ try:
     from pyspark.sql import functions as F
     from pyspark.sql.types import BooleanType, FloatType, StringType, StructField, StructType
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(f"mtl_client.spark needs PySpark, pandas and pyarrow: pip install './client[spark]' ({exc})"
-                      ) from exc
+    raise ImportError(
+        f"mtl_client.spark needs PySpark, pandas and pyarrow: pip install './client[spark]' ({exc})"
+    ) from exc
 
 from .base import DEFAULT_MODEL, DEFAULT_URL
 from .client import MultiTaskClient
 from .contract import ModelContract
 from .endpoints import contract_difference
-from .texts import EMPTY_TEXT, has_content
 from .errors import InvalidInputError, ModelContractError
 from .predictions import Prediction
+from .texts import EMPTY_TEXT, has_content
 
 TRUNCATED_FIELD = "truncated"
 
@@ -70,15 +72,23 @@ def result_schema(contract: ModelContract, probabilities: bool = False) -> Struc
     for task in contract.tasks:
         parts = [StructField("label", StringType()), StructField("score", FloatType())]
         if probabilities:
-            parts.append(StructField("probabilities",
-                                     StructType([StructField(label, FloatType()) for label in task.labels])))
+            parts.append(
+                StructField("probabilities", StructType([StructField(label, FloatType()) for label in task.labels]))
+            )
         fields.append(StructField(task.name, StructType(parts)))
     fields.append(StructField(TRUNCATED_FIELD, BooleanType()))
     return StructType(fields)
 
 
-def prediction_udf(url: str | Sequence[str] = DEFAULT_URL, model: str = DEFAULT_MODEL, *, probabilities: bool = False,
-                   batch_size: int = 64, allow_empty: bool = False, **client_options):
+def prediction_udf(
+    url: str | Sequence[str] = DEFAULT_URL,
+    model: str = DEFAULT_MODEL,
+    *,
+    probabilities: bool = False,
+    batch_size: int = 64,
+    allow_empty: bool = False,
+    **client_options,
+):
     """A pandas UDF scoring a string column: one struct per row with a field per task (label, score and,
     with `probabilities`, each label's probability) and `truncated`.
 
@@ -98,16 +108,25 @@ def prediction_udf(url: str | Sequence[str] = DEFAULT_URL, model: str = DEFAULT_
         worker_client = shared_client(options)
         served = worker_client.get_contract()
         if served != contract:
-            raise ModelContractError(f"the model at {worker_client.url} changed since the UDF was built: "
-                                     f"{contract_difference(contract, served)}")
+            raise ModelContractError(
+                f"the model at {worker_client.url} changed since the UDF was built: "
+                f"{contract_difference(contract, served)}"
+            )
         yield from score_batches(worker_client, batches, contract, probabilities, batch_size, allow_empty)
 
     # Non-deterministic, so that Spark never runs it twice for one row when several fields are selected.
     return F.pandas_udf(score, schema).asNondeterministic()
 
 
-def predict_dataframe(df: DataFrame, text_column: str = "text", url: str | Sequence[str] = DEFAULT_URL,
-                      model: str = DEFAULT_MODEL, *, prefix: str = "", **options) -> DataFrame:
+def predict_dataframe(
+    df: DataFrame,
+    text_column: str = "text",
+    url: str | Sequence[str] = DEFAULT_URL,
+    model: str = DEFAULT_MODEL,
+    *,
+    prefix: str = "",
+    **options,
+) -> DataFrame:
     """`df` with one struct column per task (named `prefix` + task) and `prefix`truncated; `options` as
     prediction_udf's."""
     udf = prediction_udf(url, model, **options)
@@ -115,13 +134,19 @@ def predict_dataframe(df: DataFrame, text_column: str = "text", url: str | Seque
     while scored in df.columns:
         scored += "_"
     fields = [field.name for field in udf.returnType.fields]
-    return (df.withColumn(scored, udf(F.col(text_column)))
-              .select(*[F.col(name) for name in df.columns],
-                      *[F.col(scored)[name].alias(prefix + name) for name in fields]))
+    return df.withColumn(scored, udf(F.col(text_column))).select(
+        *[F.col(name) for name in df.columns], *[F.col(scored)[name].alias(prefix + name) for name in fields]
+    )
 
 
-def score_batches(client: MultiTaskClient, batches: Iterator[pd.Series], contract: ModelContract,
-                  probabilities: bool, batch_size: int, allow_empty: bool) -> Iterator[pd.DataFrame]:
+def score_batches(
+    client: MultiTaskClient,
+    batches: Iterator[pd.Series],
+    contract: ModelContract,
+    probabilities: bool,
+    batch_size: int,
+    allow_empty: bool,
+) -> Iterator[pd.DataFrame]:
     """One frame per input batch, in order, while requests stream across batch boundaries."""
     sizes: deque[int] = deque()
     columns = [*contract.task_names, TRUNCATED_FIELD]
@@ -137,7 +162,8 @@ def score_batches(client: MultiTaskClient, batches: Iterator[pd.Series], contrac
                         raise InvalidInputError(
                             f"row {position} of a Spark batch has an {EMPTY_TEXT} "
                             "(filter such rows, or pass allow_empty=True to get a null result for them)",
-                            reason=EMPTY_TEXT)
+                            reason=EMPTY_TEXT,
+                        )
                     yield None, None
                 else:
                     yield None, text

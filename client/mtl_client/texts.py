@@ -2,6 +2,7 @@
 
 tests/client/test_texts.py compares the two over tricky strings, so they cannot drift apart.
 """
+
 from __future__ import annotations
 
 import unicodedata

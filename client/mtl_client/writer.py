@@ -1,6 +1,8 @@
 """Per-task output files written atomically: temp files in the output folder, all renamed into place or none."""
+
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -53,9 +55,12 @@ class _TaskFile:
                 values.append("true" if truncated else "false")
             self.csv.writerow(values)
             return
-        record = {"id": row_id, "text": text,
-                  "label": result.label if result else None,
-                  "score": round(result.score, 6) if result else None}
+        record = {
+            "id": row_id,
+            "text": text,
+            "label": result.label if result else None,
+            "score": round(result.score, 6) if result else None,
+        }
         if self.probs:
             for label in self.task.labels:
                 record[f"prob_{label}"] = round(result.probabilities[label], 6) if result else None
@@ -72,8 +77,14 @@ class AtomicOutputs:
     clobbered by a failed run and no partial file is left behind.
     """
 
-    def __init__(self, out_dir: str | Path, names: dict[str, str], tasks: tuple[TaskSpec, ...], fmt: str = "csv",
-                 probs: bool = False):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        names: dict[str, str],
+        tasks: tuple[TaskSpec, ...],
+        fmt: str = "csv",
+        probs: bool = False,
+    ):
         if fmt not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
         self.out_dir = Path(out_dir)
@@ -212,15 +223,11 @@ class AtomicOutputs:
 
     def _abort(self) -> None:
         for task_file in self._files.values():
-            try:
+            with contextlib.suppress(OSError):
                 task_file.handle.close()
-            except OSError:
-                pass
         for temp in self._temps.values():
             temp.unlink(missing_ok=True)
         self._temps.clear()
         if self._created_dir:
-            try:
+            with contextlib.suppress(OSError):
                 self.out_dir.rmdir()
-            except OSError:
-                pass

@@ -3,6 +3,7 @@
 `python -m mtl_serve.demo` — every step is the real thing: mtl-build, the bundled Triton, and the
 mtl-client CLI over gRPC.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -18,13 +19,19 @@ from .local import LocalTriton, ServerError
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", type=click.Path(path_type=Path), default="config.yaml", show_default=True)
 @click.option("--model-repository", type=click.Path(path_type=Path), default="model_repository", show_default=True)
-@click.option("--input", "input_csv", type=click.Path(path_type=Path, exists=True), default="data/sample.csv", show_default=True)
+@click.option(
+    "--input", "input_csv", type=click.Path(path_type=Path, exists=True), default="data/sample.csv", show_default=True
+)
 @click.option("--out-dir", type=click.Path(path_type=Path), default="outputs", show_default=True)
-@click.option("--skip-build", is_flag=True,
-              help="Serve the repository as it is, without even checking whether its inputs changed.")
+@click.option(
+    "--skip-build",
+    is_flag=True,
+    help="Serve the repository as it is, without even checking whether its inputs changed.",
+)
 @click.option("--force-build", is_flag=True, help="Rebuild even when the build's inputs are unchanged.")
-def main(config: Path, model_repository: Path, input_csv: Path, out_dir: Path, skip_build: bool,
-         force_build: bool) -> None:
+def main(
+    config: Path, model_repository: Path, input_csv: Path, out_dir: Path, skip_build: bool, force_build: bool
+) -> None:
     """Build (skipped when config, data, code and versions are unchanged), serve on free local ports, run
     `mtl-client predict` on INPUT, and stop the server. Exit 2 for a problem with the inputs."""
     started = time.monotonic()

@@ -11,6 +11,7 @@ deadlines, status codes and details come through unchanged, except that:
   - an answer carrying that stub failure is reported to the owner, and becomes UNAVAILABLE (a transient
     error) when the owner says a restart is coming.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,17 +36,28 @@ NOT_READY = b""
 # Set by gRPC itself on each hop.
 HOP_METADATA = ("user-agent",)
 # Triton restarts on the same port: reconnect within a second instead of gRPC's backoff of up to 2 minutes.
-UPSTREAM_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
-                    ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-                    ("grpc.max_reconnect_backoff_ms", 1000)]
+UPSTREAM_OPTIONS = [
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 class GrpcGuard:
     """Listen on (host, port), with `credentials` for TLS, and forward to Triton's plaintext gRPC upstream."""
 
-    def __init__(self, host: str, port: int, upstream_host: str, upstream_port: int,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-                 credentials: grpc.ServerCredentials | None = None, health: UpstreamHealth | None = None):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        upstream_host: str,
+        upstream_port: int,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        credentials: grpc.ServerCredentials | None = None,
+        health: UpstreamHealth | None = None,
+    ):
         self.address = f"{host}:{port}"
         self.upstream = f"{upstream_host}:{upstream_port}"
         self.max_request_bytes = max_request_bytes
@@ -57,7 +69,7 @@ class GrpcGuard:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"mtl-serve-grpc-guard-{port}", daemon=True)
 
-    def start(self) -> "GrpcGuard":
+    def start(self) -> GrpcGuard:
         self._thread.start()
         self._started.wait(timeout=60)
         if self._error is not None:
@@ -76,7 +88,7 @@ class GrpcGuard:
         self._loop = loop
         try:
             loop.run_until_complete(self._serve())
-        except BaseException as exc:  # noqa: BLE001 - handed to start(), which raises it in the caller
+        except BaseException as exc:  # handed to start(), which raises it in the caller
             self._error = exc
             self._started.set()
         finally:
@@ -86,8 +98,13 @@ class GrpcGuard:
         self._stop = asyncio.Event()
         channel = grpc.aio.insecure_channel(self.upstream, options=UPSTREAM_OPTIONS)
         # so_reuseport off: a second server on the same port must fail, not share it silently.
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", self.max_request_bytes),
-                                          ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", self.max_request_bytes),
+                ("grpc.max_send_message_length", -1),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
         server.add_generic_rpc_handlers((_Forwarder(self, channel),))
         try:
             if self._credentials is not None:
@@ -121,8 +138,9 @@ class _Forwarder(grpc.GenericRpcHandler):
 
     async def _refuse_while_unfit(self, method: str, context) -> None:
         if method in INFER_METHODS and not self.guard.health.ready():
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                "Triton is restarting (its python-backend stub failed): retry shortly")
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "Triton is restarting (its python-backend stub failed): retry shortly"
+            )
 
     async def _abort_with(self, error: grpc.aio.AioRpcError, generation: int, context) -> None:
         details = error.details() or ""

@@ -14,8 +14,10 @@ inference shapes out of range (a dimension of 2**63 was answered 200). Everythin
 every inference error, comes from Triton unchanged, except while the owner (UpstreamHealth) says that
 Triton is not fit to serve: then the ready endpoints and inference answer 503.
 """
+
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -36,10 +38,24 @@ log = logging.getLogger("mtl_serve.guard")
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 # Inference can take a while on a CPU (256 long rows); a dead upstream is seen at once anyway.
 UPSTREAM_TIMEOUT_S = 600.0
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te", "trailer",
-    "transfer-encoding", "upgrade", "host", "content-length", "content-type", "content-encoding", "expect",
-})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "content-type",
+        "content-encoding",
+        "expect",
+    }
+)
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Triton 2.51 resets the connection, without an answer, for a request target over 8,189 bytes or a header
 # name or value over 8,191 bytes (measured); below that it has no limit on the number of headers.
@@ -83,12 +99,16 @@ class ModelLimits:
                     raise Rejected(HTTPStatus.BAD_REQUEST, f"input {name!r}: shape {shape} must hold whole numbers")
                 if position == 0 and self.max_batch_size > 0:
                     if not 0 <= dim <= self.max_batch_size:
-                        raise Rejected(HTTPStatus.BAD_REQUEST,
-                                       f"input {name!r}: shape {shape}: inference request batch-size must be <= "
-                                       f"{self.max_batch_size} for {model!r} (and not negative)")
+                        raise Rejected(
+                            HTTPStatus.BAD_REQUEST,
+                            f"input {name!r}: shape {shape}: inference request batch-size must be <= "
+                            f"{self.max_batch_size} for {model!r} (and not negative)",
+                        )
                 elif not 0 <= dim <= MAX_DIM:
-                    raise Rejected(HTTPStatus.BAD_REQUEST, f"input {name!r}: shape {shape}: dimension {position} "
-                                                           f"must be from 0 to {MAX_DIM:,}")
+                    raise Rejected(
+                        HTTPStatus.BAD_REQUEST,
+                        f"input {name!r}: shape {shape}: dimension {position} must be from 0 to {MAX_DIM:,}",
+                    )
 
 
 def _whole_number(value: str) -> bool:
@@ -113,42 +133,52 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     try:
         out = inflater.decompress(body, limit + 1)
         if len(out) > limit or inflater.unconsumed_tail:
-            raise Rejected(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                           f"the {encoding} request body inflates to more than {limit:,} bytes", close=True)
+            raise Rejected(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"the {encoding} request body inflates to more than {limit:,} bytes",
+                close=True,
+            )
         out += inflater.flush()
     except zlib.error as exc:
         raise Rejected(HTTPStatus.BAD_REQUEST, f"the {encoding} request body cannot be decompressed: {exc}") from None
     if len(out) > limit:
-        raise Rejected(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                       f"the {encoding} request body inflates to more than {limit:,} bytes", close=True)
+        raise Rejected(
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            f"the {encoding} request body inflates to more than {limit:,} bytes",
+            close=True,
+        )
     return out
 
 
 def check_target(target: str) -> str:
     """The path to forward for a request target: origin-form as it is, absolute-form cut to its path."""
     if len(target) > MAX_TARGET_BYTES:
-        raise Rejected(HTTPStatus.REQUEST_URI_TOO_LONG,
-                       f"request target of {len(target):,} bytes is over the {MAX_TARGET_BYTES:,}-byte limit",
-                       close=True)
+        raise Rejected(
+            HTTPStatus.REQUEST_URI_TOO_LONG,
+            f"request target of {len(target):,} bytes is over the {MAX_TARGET_BYTES:,}-byte limit",
+            close=True,
+        )
     if target.startswith("/"):
         return target
     parts = urlsplit(target)
     if parts.scheme in ("http", "https") and parts.netloc:
         return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    raise Rejected(HTTPStatus.BAD_REQUEST, f"request target {target[:80]!r} is not a path: nothing is served there",
-                   close=True)
+    raise Rejected(
+        HTTPStatus.BAD_REQUEST, f"request target {target[:80]!r} is not a path: nothing is served there", close=True
+    )
 
 
 def check_headers(headers) -> None:
     for name, value in headers.items():
         if len(name) + len(value) + 2 > MAX_HEADER_LINE_BYTES:
-            raise Rejected(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                           f"header {name[:40]!r} is over the {MAX_HEADER_LINE_BYTES:,}-byte limit of a header line",
-                           close=True)
+            raise Rejected(
+                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                f"header {name[:40]!r} is over the {MAX_HEADER_LINE_BYTES:,}-byte limit of a header line",
+                close=True,
+            )
 
 
-def vet(method: str, headers, body: bytes, max_body_bytes: int,
-        limits=None) -> tuple[bytes, str, dict[str, str]]:
+def vet(method: str, headers, body: bytes, max_body_bytes: int, limits=None) -> tuple[bytes, str, dict[str, str]]:
     """(body to forward, its content type, extra headers) for a request with `body` already read.
 
     `limits` is a (model name, ModelLimits) pair for an inference request, checked against its shapes."""
@@ -157,15 +187,18 @@ def vet(method: str, headers, body: bytes, max_body_bytes: int,
     if encoding in ("gzip", "deflate"):
         body = decompress(body, encoding, max_body_bytes)
     elif encoding != "identity":
-        raise Rejected(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                       f"unsupported Content-Encoding {encoding!r}: use gzip, deflate or none")
+        raise Rejected(
+            HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"unsupported Content-Encoding {encoding!r}: use gzip, deflate or none"
+        )
     json_length = len(body)
     declared = headers.get(HEADER_LENGTH)
     if declared is not None:
         if not _whole_number(declared) or int(declared) > len(body):
-            raise Rejected(HTTPStatus.BAD_REQUEST,
-                           f"{HEADER_LENGTH} must be a whole number of bytes no larger than the body "
-                           f"({len(body):,}), got {declared!r}")
+            raise Rejected(
+                HTTPStatus.BAD_REQUEST,
+                f"{HEADER_LENGTH} must be a whole number of bytes no larger than the body "
+                f"({len(body):,}), got {declared!r}",
+            )
         json_length = int(declared)
         extra[HEADER_LENGTH] = str(json_length)
     if method in ("POST", "PUT") and json_length:
@@ -182,7 +215,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "mtl-serve-guard"
     # Idle keep-alive connections are closed after this many seconds.
     timeout = 120
-    server: "_Server"
+    server: _Server
 
     def setup(self) -> None:
         super().setup()
@@ -200,7 +233,7 @@ class _Handler(BaseHTTPRequestHandler):
     def version_string(self) -> str:
         return self.server_version
 
-    def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format, *args) -> None:  # the base class's name
         log.debug("%s %s", self.address_string(), format % args)
 
     def _reply(self, status: int, body: bytes, headers: list[tuple[str, str]]) -> None:
@@ -219,8 +252,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding"):
-            raise Rejected(HTTPStatus.LENGTH_REQUIRED, "chunked request bodies are not accepted: send Content-Length",
-                           close=True)
+            raise Rejected(
+                HTTPStatus.LENGTH_REQUIRED, "chunked request bodies are not accepted: send Content-Length", close=True
+            )
         length = self.headers.get("Content-Length")
         if length is None:
             return b""
@@ -231,9 +265,11 @@ class _Handler(BaseHTTPRequestHandler):
             # Read (and drop) a moderately oversized body so that the client gets the 413, not a reset.
             if size <= 4 * self.server.max_body_bytes + (16 << 20):
                 self._discard(size)
-            raise Rejected(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                           f"request body of {size:,} bytes is over the {self.server.max_body_bytes:,}-byte limit",
-                           close=True)
+            raise Rejected(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"request body of {size:,} bytes is over the {self.server.max_body_bytes:,}-byte limit",
+                close=True,
+            )
         body = self.rfile.read(size)
         if len(body) != size:
             raise ConnectionError("the client closed the connection in the middle of its request body")
@@ -247,8 +283,9 @@ class _Handler(BaseHTTPRequestHandler):
             size -= len(chunk)
 
     def _forward(self, body: bytes, content_type: str, extra: dict[str, str]):
-        headers = {k: v for k, v in self.headers.items()
-                   if k.lower() not in HOP_BY_HOP and k.lower() != HEADER_LENGTH.lower()}
+        headers = {
+            k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP and k.lower() != HEADER_LENGTH.lower()
+        }
         headers.update(extra)
         if body or self.command in ("POST", "PUT"):
             headers["Content-Type"] = content_type
@@ -288,15 +325,22 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = self._read_body()
             if (infer or READY_PATH.match(route)) and not health.ready():
-                raise Rejected(HTTPStatus.SERVICE_UNAVAILABLE,
-                               "Triton is restarting (its python-backend stub failed): retry shortly")
+                raise Rejected(
+                    HTTPStatus.SERVICE_UNAVAILABLE,
+                    "Triton is restarting (its python-backend stub failed): retry shortly",
+                )
             limits = self.server.model_limits(infer.group(1)) if infer and self.command == "POST" else None
-            body, content_type, extra = vet(self.command, self.headers, body, self.server.max_body_bytes,
-                                            (infer.group(1), limits) if limits else None)
+            body, content_type, extra = vet(
+                self.command,
+                self.headers,
+                body,
+                self.server.max_body_bytes,
+                (infer.group(1), limits) if limits else None,
+            )
         except Rejected as rejected:
             self._refuse(rejected)
             return
-        except (ConnectionError, socket.timeout):
+        except (TimeoutError, ConnectionError):
             self.close_connection = True
             return
         generation = health.generation()
@@ -305,8 +349,10 @@ class _Handler(BaseHTTPRequestHandler):
             payload = response.read()
         except (ConnectionError, http.client.HTTPException, OSError) as exc:
             self.close_connection = True
-            self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"Triton is not answering ({exc.__class__.__name__}): "
-                                                        "it is starting, restarting or stopped")
+            self._error(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"Triton is not answering ({exc.__class__.__name__}): it is starting, restarting or stopped",
+            )
             return
         # Triton's own Content-Type and Content-Encoding describe the payload; pass them on.
         passed = HOP_BY_HOP - {"content-type", "content-encoding"}
@@ -373,22 +419,31 @@ class _Server(ThreadingHTTPServer):
         with self._lock:
             connections = list(self._connections)
         for connection in connections:
-            try:
+            with contextlib.suppress(OSError):
                 connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 class HttpGuard:
     """Listen on (host, port) and forward vetted requests to Triton at (upstream_host, upstream_port)."""
 
-    def __init__(self, host: str, port: int, upstream_host: str, upstream_port: int,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, name: str = "http",
-                 health: UpstreamHealth | None = None):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        upstream_host: str,
+        upstream_port: int,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        name: str = "http",
+        health: UpstreamHealth | None = None,
+    ):
         self.name = name
         self._server = _Server((host, port), (upstream_host, upstream_port), max_body_bytes, health or UpstreamHealth())
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name=f"mtl-serve-guard-{name}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name=f"mtl-serve-guard-{name}",
+            daemon=True,
+        )
 
     @property
     def port(self) -> int:
@@ -399,7 +454,7 @@ class HttpGuard:
         """Requests answered by the guard itself instead of being forwarded."""
         return self._server.refusals
 
-    def start(self) -> "HttpGuard":
+    def start(self) -> HttpGuard:
         self._thread.start()
         return self
 

@@ -1,5 +1,6 @@
 """How mtl-serve judges whether Triton can serve: what the guards ask their owner, the message Triton 2.51
 answers with once a python-backend stub is gone or hung, and the watchdog's canary inference."""
+
 from __future__ import annotations
 
 import json
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 # Triton 2.51's answer for every request an instance gets after its stub died or stopped answering.
 STUB_FAILURE = re.compile(r"Stub process '[^']*' is not healthy")
 CANARY_TEXT = "mtl-serve watchdog canary"
+# model.py leaves requests with this id out of its mtl_* metrics (multitask_core.metrics.UNCOUNTED_REQUEST_ID).
+CANARY_REQUEST_ID = "mtl-serve-canary"
 
 
 class UpstreamHealth:
@@ -41,9 +44,15 @@ def canary_request(config: dict) -> bytes:
         shape = ([1] if batched else []) + [max(int(d), 1) for d in tensor.get("dims", [])]
         datatype = tensor.get("data_type", "").removeprefix("TYPE_")
         value = {"STRING": CANARY_TEXT, "BOOL": False}.get(datatype, 0)
-        inputs.append({"name": tensor["name"], "shape": shape, "data": [value] * math.prod(shape),
-                       "datatype": "BYTES" if datatype == "STRING" else datatype})
-    return json.dumps({"inputs": inputs}).encode()
+        inputs.append(
+            {
+                "name": tensor["name"],
+                "shape": shape,
+                "data": [value] * math.prod(shape),
+                "datatype": "BYTES" if datatype == "STRING" else datatype,
+            }
+        )
+    return json.dumps({"id": CANARY_REQUEST_ID, "inputs": inputs}).encode()
 
 
 def send_canary(url: str, request: bytes, deadline_s: float) -> tuple[int | None, str]:

@@ -5,6 +5,7 @@ The runtime it runs (the private copy of the binary, its environment, the stub c
 mtl_serve.runtime, and what it reads of processes from mtl_serve.procs; docs/triton-local.md says why
 each runtime step exists, docs/reliability.md what the guards and the watchdog are for.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,11 +25,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .health import STUB_FAILURE, Probe, UpstreamHealth, canary_request
-from .procs import (cmdline, cpu_ticks, free_port, group_members, is_stopped, port_is_free, remove_shm_regions,
-                    shm_regions, signal_group, start_time, wait_group_gone)
-from .runtime import (HIDDEN_ARG_PREFIX, PRELOAD_REST, STUB_MODULES, STUB_NAME, TRITON_VERSION, ServerError,
-                      cache_dir, check_stub_environment, hidden_args_library, prepare_runtime, runtime_environment,
-                      wheel_paths)
+from .procs import (
+    cmdline,
+    cpu_ticks,
+    free_port,
+    group_members,
+    is_stopped,
+    port_is_free,
+    remove_shm_regions,
+    shm_regions,
+    signal_group,
+    start_time,
+    wait_group_gone,
+)
+from .runtime import (
+    HIDDEN_ARG_PREFIX,
+    PRELOAD_REST,
+    RUNTIME_MODULES,
+    STUB_MODULES,
+    STUB_NAME,
+    TRITON_VERSION,
+    ServerError,
+    cache_dir,
+    check_stub_environment,
+    hidden_args_library,
+    prepare_runtime,
+    runtime_environment,
+    wheel_paths,
+)
 
 # The guard modules are imported where they are used, so that `python -m mtl_serve.guard` runs it cleanly.
 
@@ -47,32 +71,81 @@ BUSY_CPU_TICKS = 5
 
 logger = logging.getLogger("mtl_serve.local")
 
-__all__ = ["ADMIN_HEADER", "GRPC_ADMIN_HEADER", "RESTRICTED_APIS", "STUB_MODULES", "STUB_NAME", "TRITON_VERSION",
-           "LocalTriton", "Recovery", "ServerError", "cache_dir", "check_stub_environment", "free_port",
-           "group_members", "log_problems", "model_names", "port_is_free", "prepare_runtime", "request_limit",
-           "wheel_paths"]
+__all__ = [
+    "ADMIN_HEADER",
+    "GRPC_ADMIN_HEADER",
+    "RESTRICTED_APIS",
+    "STUB_MODULES",
+    "STUB_NAME",
+    "TRITON_VERSION",
+    "LocalTriton",
+    "Recovery",
+    "ServerError",
+    "cache_dir",
+    "check_stub_environment",
+    "free_port",
+    "group_members",
+    "log_problems",
+    "model_names",
+    "port_is_free",
+    "prepare_runtime",
+    "request_limit",
+    "wheel_paths",
+]
 
 
 def model_names(repository: Path) -> list[str]:
     return sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file() and not p.name.startswith("."))
 
 
+def model_configs(repository: Path) -> dict[str, dict]:
+    """Each model's config.pbtxt, read through Triton's schema into the dict Triton gives model.py; a model whose
+    file cannot be read is left out (Triton reports it when it loads)."""
+    from mtl_build.pbtxt import ModelConfigError, read_config
+
+    configs = {}
+    for name in model_names(repository):
+        try:
+            configs[name] = read_config(repository / name)
+        except (OSError, ModelConfigError):
+            continue
+    return configs
+
+
+def _parameter(config: dict, key: str) -> str | None:
+    return (config.get("parameters", {}).get(key) or {}).get("string_value")
+
+
 def request_limit(repository: Path, default: int) -> int:
     """The most bytes a gRPC request to these models needs: each model's `max_request_bytes` parameter (the
     text it accepts in one request, refused past that by the model itself) plus every row's 4-byte length
     prefix and 64 KiB of framing; `default` when a model does not say."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
     limits = []
-    for name in model_names(repository):
+    for config in model_configs(repository).values():
         try:
-            config = text_format.Parse((repository / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-            text_bytes = int(config.parameters["max_request_bytes"].string_value)
-        except (OSError, ValueError, KeyError, text_format.ParseError):
+            text_bytes = int(_parameter(config, "max_request_bytes"))
+        except (TypeError, ValueError):
             return default
-        limits.append(text_bytes + 4 * max(config.max_batch_size, 1) + 64 * 1024)
+        limits.append(text_bytes + 4 * max(int(config.get("max_batch_size") or 1), 1) + 64 * 1024)
     return max(limits, default=default)
+
+
+def runtime_modules(repository: Path) -> tuple[str, ...]:
+    """The runtime packages the stub must import for these models: what `serving.runtime` names, and for
+    `auto` on a CPU the OpenVINO runtime when the build exported its int8 graph (multitask_core.runtimes)."""
+    from multitask_core.files import OPENVINO_FILE
+
+    needed = set()
+    for name, config in model_configs(repository).items():
+        runtime = _parameter(config, "runtime") or "auto"
+        if (
+            runtime == "auto"
+            and _parameter(config, "device") != "gpu"
+            and (repository / name / "1" / OPENVINO_FILE).is_file()
+        ):
+            runtime = "openvino"
+        needed.update(RUNTIME_MODULES.get(runtime, ()))
+    return tuple(sorted(needed))
 
 
 def log_problems(text: str, limit: int = 12) -> str:
@@ -98,7 +171,7 @@ class _Fault:
 
 
 class _Health(UpstreamHealth):
-    def __init__(self, server: "LocalTriton"):
+    def __init__(self, server: LocalTriton):
         self.server = server
 
     def ready(self) -> bool:
@@ -246,13 +319,17 @@ class LocalTriton:
         restricted = f"{','.join(self.restricted_apis)}:{ADMIN_HEADER}={self.admin_key}"
         # Behind a guard, Triton listens on a loopback port only the guard (and the watchdog) uses.
         http_host, http_port = ("127.0.0.1", self._triton_http_port) if self.http_guard else (self.host, self.http_port)
-        metrics_host, metrics_port = (("127.0.0.1", self._triton_metrics_port) if self.http_guard
-                                      else (self.host, self.metrics_port))
+        metrics_host, metrics_port = (
+            ("127.0.0.1", self._triton_metrics_port) if self.http_guard else (self.host, self.metrics_port)
+        )
         grpc_host, grpc_port = ("127.0.0.1", self._triton_grpc_port) if self.grpc_guard else (self.host, self.grpc_port)
         tls = []
         if self.tls and not self.grpc_guard:
-            tls = ["--grpc-use-ssl=true", f"--grpc-server-cert={Path(self.grpc_server_cert).resolve()}",
-                   f"--grpc-server-key={Path(self.grpc_server_key).resolve()}"]
+            tls = [
+                "--grpc-use-ssl=true",
+                f"--grpc-server-cert={Path(self.grpc_server_cert).resolve()}",
+                f"--grpc-server-key={Path(self.grpc_server_key).resolve()}",
+            ]
             if self.grpc_root_cert:
                 tls.append(f"--grpc-root-cert={Path(self.grpc_root_cert).resolve()}")
             if self.grpc_ssl_mutual:
@@ -270,6 +347,8 @@ class LocalTriton:
             f"--metrics-port={metrics_port}",
             "--model-control-mode=none",
             "--exit-on-error=true",
+            # p50/p99 latency summaries for the dashboard (docs/metrics.md); counters alone give no quantiles.
+            "--metrics-config=summary_latencies=true",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--grpc-restricted-protocol={restricted}",
             f"--http-restricted-api={restricted}",
@@ -297,17 +376,24 @@ class LocalTriton:
         env["LD_PRELOAD"] = f"{self._hidden_args}:{preloaded}" if preloaded else str(self._hidden_args)
         return argv, env
 
-    def start(self) -> "LocalTriton":
+    def check_setup(self) -> list[str]:
+        """Everything that can be refused before Triton starts (repository, ports, TLS files, the stub's
+        environment); raises ServerError. Returns the models' names."""
         if not self.model_repository.is_dir():
             raise ServerError(f"model repository {self.model_repository} does not exist: run mtl-build first")
         names = model_names(self.model_repository)
         if not names:
-            raise ServerError(f"model repository {self.model_repository} holds no model (no */config.pbtxt): run mtl-build first")
+            raise ServerError(
+                f"model repository {self.model_repository} holds no model (no */config.pbtxt): run mtl-build first"
+            )
         for label, port in (("gRPC", self.grpc_port), ("HTTP", self.http_port), ("metrics", self.metrics_port)):
             if not port_is_free(port):
                 raise ServerError(f"{label} port {port} is already in use (choose another with --{label.lower()}-port)")
-        for label, path in (("server certificate", self.grpc_server_cert), ("server key", self.grpc_server_key),
-                            ("root certificate", self.grpc_root_cert)):
+        for label, path in (
+            ("server certificate", self.grpc_server_cert),
+            ("server key", self.grpc_server_key),
+            ("root certificate", self.grpc_root_cert),
+        ):
             if path is not None and not Path(path).is_file():
                 raise ServerError(f"gRPC TLS {label} {path} does not exist")
         if self.max_grpc_request_bytes is None:
@@ -315,7 +401,14 @@ class LocalTriton:
 
             self.max_grpc_request_bytes = request_limit(self.model_repository, DEFAULT_MAX_REQUEST_BYTES)
         self._stub_python = Path(self.stub_python or Path(sys.prefix) / "bin" / "python3")
-        check_stub_environment(self._stub_python)
+        check_stub_environment(self._stub_python, runtime_modules(self.model_repository))
+        self._checked_names = names
+        return names
+
+    def start(self) -> LocalTriton:
+        # mtl-serve checks first (to refuse before it says "starting"); the stub-environment probe takes seconds.
+        names = getattr(self, "_checked_names", None) or self.check_setup()
+        self._checked_names = None
         self._runtime = prepare_runtime()
         self._hidden_args = hidden_args_library(self._runtime)
         if self.log_file is None:
@@ -335,8 +428,9 @@ class LocalTriton:
         if self.watchdog:
             # Two per model: a canary left over from before a restart does not hold up the next one.
             self._probe_pool = ThreadPoolExecutor(max_workers=2 * len(names), thread_name_prefix="mtl-serve-canary")
-            self._watch_thread = threading.Thread(target=self._watch, args=(names,), name="mtl-serve-watchdog",
-                                                  daemon=True)
+            self._watch_thread = threading.Thread(
+                target=self._watch, args=(names,), name="mtl-serve-watchdog", daemon=True
+            )
             self._watch_thread.start()
         return self
 
@@ -344,26 +438,46 @@ class LocalTriton:
         from .grpc_guard import GrpcGuard
         from .guard import HttpGuard
 
-        private = [attr for attr, on in (("_triton_http_port", self.http_guard),
-                                         ("_triton_metrics_port", self.http_guard),
-                                         ("_triton_grpc_port", self.grpc_guard)) if on]
+        private = [
+            attr
+            for attr, on in (
+                ("_triton_http_port", self.http_guard),
+                ("_triton_metrics_port", self.http_guard),
+                ("_triton_grpc_port", self.grpc_guard),
+            )
+            if on
+        ]
         for attr in private:
             if not getattr(self, attr) or not port_is_free(getattr(self, attr)):
                 setattr(self, attr, free_port())
         if self.http_guard:
             for name, port, upstream, limit in (
-                    ("http", self.http_port, self._triton_http_port, self.max_http_body_bytes),
-                    ("metrics", self.metrics_port, self._triton_metrics_port, 1 << 20)):
+                ("http", self.http_port, self._triton_http_port, self.max_http_body_bytes),
+                ("metrics", self.metrics_port, self._triton_metrics_port, 1 << 20),
+            ):
                 try:
-                    guard = HttpGuard(self.host, port, "127.0.0.1", upstream, max_body_bytes=limit, name=name,
-                                      health=self._health if name == "http" else None)
+                    guard = HttpGuard(
+                        self.host,
+                        port,
+                        "127.0.0.1",
+                        upstream,
+                        max_body_bytes=limit,
+                        name=name,
+                        health=self._health if name == "http" else None,
+                    )
                 except OSError as exc:
                     raise ServerError(f"{name} port {port} is already in use ({exc.strerror})") from None
                 self._guards.append(guard.start())
         if self.grpc_guard:
-            guard = GrpcGuard(self.host, self.grpc_port, "127.0.0.1", self._triton_grpc_port,
-                              max_request_bytes=self.max_grpc_request_bytes, credentials=self._grpc_credentials(),
-                              health=self._health)
+            guard = GrpcGuard(
+                self.host,
+                self.grpc_port,
+                "127.0.0.1",
+                self._triton_grpc_port,
+                max_request_bytes=self.max_grpc_request_bytes,
+                credentials=self._grpc_credentials(),
+                health=self._health,
+            )
             try:
                 self._guards.append(guard.start())
             except OSError as exc:
@@ -375,17 +489,20 @@ class LocalTriton:
         import grpc
 
         root = Path(self.grpc_root_cert).read_bytes() if self.grpc_root_cert else None
-        return grpc.ssl_server_credentials([(Path(self.grpc_server_key).read_bytes(),
-                                             Path(self.grpc_server_cert).read_bytes())],
-                                           root_certificates=root, require_client_auth=self.grpc_ssl_mutual)
+        return grpc.ssl_server_credentials(
+            [(Path(self.grpc_server_key).read_bytes(), Path(self.grpc_server_cert).read_bytes())],
+            root_certificates=root,
+            require_client_auth=self.grpc_ssl_mutual,
+        )
 
     def _launch(self, names: list[str], append: bool) -> None:
         argv, env = self._launch_command()
         self._generation += 1
         with self.log_file.open("ab" if append else "wb") as log:
             # Its own session, so that a stop reaches the stub processes too.
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=env, start_new_session=True)
+            self.process = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+            )
         self.wait_until_ready(names)
         self._stubs = {pid: start_time(pid) for pid in self.stub_pids()}
         self._stopped_seen = set()
@@ -437,7 +554,8 @@ class LocalTriton:
                 return
             time.sleep(0.25)
         raise ServerError(
-            f"models {names} not ready after {self.startup_timeout_s:.0f}s (log: {self.log_file}):\n" + log_problems(self.log_text())
+            f"models {names} not ready after {self.startup_timeout_s:.0f}s (log: {self.log_file}):\n"
+            + log_problems(self.log_text())
         )
 
     # -- watchdog ------------------------------------------------------------------------------------
@@ -475,23 +593,32 @@ class LocalTriton:
     def _find_fault(self) -> _Fault | None:
         code = self.process.poll()
         if code is not None:
-            return _Fault(f"tritonserver exited with code {code}", f"tritonserver exited with code {code} "
-                          f"(log: {self.log_file}):\n" + log_problems(self.log_text()))
+            return _Fault(
+                f"tritonserver exited with code {code}",
+                f"tritonserver exited with code {code} (log: {self.log_file}):\n" + log_problems(self.log_text()),
+            )
         dead = [pid for pid, started in self._stubs.items() if start_time(pid) != started]
         if dead:
-            return _Fault("the python-backend stub died", f"python-backend stub process {', '.join(map(str, dead))} "
-                          "died: Triton keeps the model READY but fails every request")
+            return _Fault(
+                "the python-backend stub died",
+                f"python-backend stub process {', '.join(map(str, dead))} "
+                "died: Triton keeps the model READY but fails every request",
+            )
         if self._reported is not None:
-            return _Fault("a python-backend stub failed",
-                          f"Triton answered a request with {self._reported!r}: it keeps the model READY but fails "
-                          "that instance's requests from now on")
+            return _Fault(
+                "a python-backend stub failed",
+                f"Triton answered a request with {self._reported!r}: it keeps the model READY but fails "
+                "that instance's requests from now on",
+            )
         stopped = {pid for pid in self._stubs if is_stopped(pid)}
         hung, self._stopped_seen = stopped & self._stopped_seen, stopped
         if hung:
-            return _Fault("a python-backend stub stopped answering",
-                          f"python-backend stub process {', '.join(map(str, sorted(hung)))} is stopped (a signal or a "
-                          f"tracer) on two looks {self.watchdog_interval_s}s apart: Triton fails its requests and "
-                          "never recovers it")
+            return _Fault(
+                "a python-backend stub stopped answering",
+                f"python-backend stub process {', '.join(map(str, sorted(hung)))} is stopped (a signal or a "
+                f"tracer) on two looks {self.watchdog_interval_s}s apart: Triton fails its requests and "
+                "never recovers it",
+            )
         return self._check_probes()
 
     def _check_probes(self) -> _Fault | None:
@@ -509,17 +636,24 @@ class LocalTriton:
             if status == 200:
                 probe.answered = True
             elif STUB_FAILURE.search(text):
-                return _Fault("a python-backend stub failed", f"the watchdog's canary inference of model {probe.model} "
-                              f"got {text!r}: Triton keeps the model READY but fails that instance's requests")
+                return _Fault(
+                    "a python-backend stub failed",
+                    f"the watchdog's canary inference of model {probe.model} "
+                    f"got {text!r}: Triton keeps the model READY but fails that instance's requests",
+                )
             elif status is None and self._stub_cpu_ticks() - probe.cpu_at_send < BUSY_CPU_TICKS:
-                return _Fault("a python-backend stub stopped answering",
-                              f"the watchdog's canary inference of model {probe.model} got no answer in "
-                              f"{self.probe_deadline_s:.0f}s while its stubs used no CPU: Triton is hung")
+                return _Fault(
+                    "a python-backend stub stopped answering",
+                    f"the watchdog's canary inference of model {probe.model} got no answer in "
+                    f"{self.probe_deadline_s:.0f}s while its stubs used no CPU: Triton is hung",
+                )
             elif status is None:
                 self.canaries_late += 1  # the stubs were computing: busy, not hung
             elif not probe.answered:
-                self._event(f"model {probe.model} refused the watchdog's canary inference ({status}: {text[:200]}): "
-                            "not probing it")
+                self._event(
+                    f"model {probe.model} refused the watchdog's canary inference ({status}: {text[:200]}): "
+                    "not probing it"
+                )
                 probe.sent_at = math.inf
         return None
 
@@ -537,9 +671,11 @@ class LocalTriton:
         self._restart_times = [t for t in self._restart_times if now - t < self.restart_window_s]
         if len(self._restart_times) >= self.max_restarts:
             self._end_process(grace_s=2)
-            self._fail(f"{fault.cause}, and {len(self._restart_times)} of {self.max_restarts} allowed restart(s) "
-                       f"within {self.restart_window_s:.0f}s were already used: stopped Triton (log: {self.log_file})"
-                       + (f"\n{rest}" if rest else ""))
+            self._fail(
+                f"{fault.cause}, and {len(self._restart_times)} of {self.max_restarts} allowed restart(s) "
+                f"within {self.restart_window_s:.0f}s were already used: stopped Triton (log: {self.log_file})"
+                + (f"\n{rest}" if rest else "")
+            )
             return False
         self._restart_times.append(now)
         self.restarts += 1
@@ -556,8 +692,10 @@ class LocalTriton:
             self._fail(f"restart failed: {exc}")
             return False
         recovery.ready_at = time.monotonic()
-        self._event(f"Triton restarted {recovery.ready_at - recovery.detected_at:.1f}s after the fault was seen: "
-                    f"models {', '.join(names)} ready")
+        self._event(
+            f"Triton restarted {recovery.ready_at - recovery.detected_at:.1f}s after the fault was seen: "
+            f"models {', '.join(names)} ready"
+        )
         return True
 
     def _end_process(self, grace_s: float) -> int | None:
@@ -606,7 +744,7 @@ class LocalTriton:
                 self._probe_pool = None
         return code
 
-    def __enter__(self) -> "LocalTriton":
+    def __enter__(self) -> LocalTriton:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:

@@ -1,7 +1,9 @@
 """Processes and what they hold, read from /proc: command lines, start times, states, process groups,
 signals, the python backend's shared-memory regions, and free ports."""
+
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -49,10 +51,8 @@ def cpu_ticks(pid: int) -> int:
 
 
 def signal_group(group: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(group, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def group_members(group: int) -> list[int]:
@@ -119,4 +119,3 @@ def free_port() -> int:
         if port not in _HANDED_OUT:
             _HANDED_OUT.add(port)
             return port
-

@@ -4,6 +4,7 @@ See docs/triton-local.md for why each step exists: a private copy of the binary 
 Python, LD_LIBRARY_PATH with the wheel's libraries and this Python's LIBDIR, and a stub environment
 (numpy<2, torch, tokenizers) chosen through PATH because the stub ignores PYTHONPATH.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,7 +19,9 @@ from pathlib import Path
 TRITON_VERSION = "2.51.0"
 STUB_NAME = "triton_python_backend_stub"
 # Modules the served model.py imports inside the stub.
-STUB_MODULES = ("numpy", "torch", "tokenizers", "safetensors")
+STUB_MODULES = ("numpy", "torch", "tokenizers", "safetensors", "emoji")
+# What each runtime of the served core imports besides them (multitask_core.runtimes).
+RUNTIME_MODULES = {"openvino": ("openvino",), "onnxruntime": ("onnxruntime",)}
 # tritonserver reads options from its command line only, which every local user can read in
 # /proc/PID/cmdline. This library, preloaded into it, swaps argv[i] for the environment variable
 # HIDDEN_ARG_PREFIX<i> before main() runs (the environment is readable by the same user only).
@@ -74,7 +77,9 @@ def python_version() -> str:
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("MTL_TRITON_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "mtl-triton")
+    base = os.environ.get("MTL_TRITON_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "mtl-triton"
+    )
     return Path(base)
 
 
@@ -83,7 +88,10 @@ def wheel_paths() -> tuple[Path, Path]:
     try:
         import pytriton
     except ImportError:
-        raise ServerError("the nvidia-pytriton package (which carries the Triton binary) is not installed: pip install nvidia-pytriton==0.7.0") from None
+        raise ServerError(
+            "the nvidia-pytriton package (which carries the Triton binary) is not installed: "
+            "pip install nvidia-pytriton==0.7.0"
+        ) from None
     package = Path(pytriton.__file__).resolve().parent
     server, libs = package / "tritonserver", package.parent / "nvidia_pytriton.libs"
     if not (server / "bin" / "tritonserver").is_file() or not libs.is_dir():
@@ -122,24 +130,33 @@ def hidden_args_library(runtime: Path) -> Path | None:
         return library
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
-        logger.warning("no C compiler (cc): secret tritonserver options stay on its command line, readable by "
-                       "every local user in /proc/PID/cmdline")
+        logger.warning(
+            "no C compiler (cc): secret tritonserver options stay on its command line, readable by "
+            "every local user in /proc/PID/cmdline"
+        )
         return None
     try:
         library.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=library.parent) as work:
             source, built = Path(work) / "hidden_args.c", Path(work) / "hidden_args.so"
             source.write_text(HIDDEN_ARGS_SOURCE)
-            result = subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(built), str(source), "-ldl"],
-                                    check=False, capture_output=True, text=True, timeout=120)
+            result = subprocess.run(
+                [compiler, "-shared", "-fPIC", "-O2", "-o", str(built), str(source), "-ldl"],
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             if result.returncode == 0:
                 built.replace(library)
                 return library
             problem = result.stderr.strip()[-400:]
     except (OSError, subprocess.TimeoutExpired) as exc:
         problem = str(exc)
-    logger.warning("building the hidden-arguments library failed; secret tritonserver options stay on its "
-                   "command line: %s", problem)
+    logger.warning(
+        "building the hidden-arguments library failed; secret tritonserver options stay on its command line: %s",
+        problem,
+    )
     return None
 
 
@@ -155,14 +172,19 @@ def runtime_environment(stub_python: Path) -> dict[str, str]:
     return env
 
 
-def check_stub_environment(python: Path) -> str:
-    """Prove the stub's Python can import the model's modules with numpy<2; return its numpy version."""
+def check_stub_environment(python: Path, runtimes: tuple[str, ...] = ()) -> str:
+    """Prove the stub's Python can import the model's modules with numpy<2, and really import each runtime
+    package in `runtimes` beside that numpy (a wheel built for numpy 2 fails there); return the numpy version."""
     probe = (
-        "import importlib.util, sys\n"
-        f"mods = {STUB_MODULES!r}\n"
+        "import importlib, importlib.util, sys\n"
+        f"mods = {STUB_MODULES + tuple(runtimes)!r}\n"
         "missing = [m for m in mods if importlib.util.find_spec(m) is None]\n"
         "if missing: sys.exit('missing modules: ' + ', '.join(missing))\n"
-        "import numpy; print(numpy.__version__)\n"
+        "import numpy\n"
+        f"for m in {tuple(runtimes)!r}:\n"
+        "    try: importlib.import_module(m)\n"
+        "    except Exception as e: sys.exit(f'runtime {m} does not import beside numpy {numpy.__version__}: {e!r}')\n"
+        "print(numpy.__version__)\n"
     )
     try:
         result = subprocess.run([str(python), "-c", probe], check=False, capture_output=True, text=True, timeout=120)

@@ -1,4 +1,5 @@
 """`mtl-client` through CliRunner against the real Triton server (session fixture `triton_server`)."""
+
 import csv
 import io
 import json
@@ -105,8 +106,10 @@ def test_jsonl_format(triton_server, served, sample_rows, tmp_path):
         records = _read(path)
         assert [(r["id"], r["text"]) for r in records] == sample_rows
         assert all(r["label"] in tasks[task] and isinstance(r["truncated"], bool) for r in records)
-        assert all(set(r) == {"id", "text", "label", "score", "truncated", *(f"prob_{label}" for label in tasks[task])}
-                   for r in records)
+        assert all(
+            set(r) == {"id", "text", "label", "score", "truncated", *(f"prob_{label}" for label in tasks[task])}
+            for r in records
+        )
 
 
 def test_row_numbers_as_ids_long_texts_sent_and_flagged(triton_server, served, tmp_path):
@@ -126,8 +129,10 @@ def test_many_small_concurrent_requests_keep_order(triton_server, served, sample
     rows = [(f"r{i}", f"{text} ({i})") for i, (_, text) in enumerate(sample_rows * 5)]
     source = _write_csv(tmp_path / "in.csv", rows)
     outputs = {}
-    for name, options in (("one", ["--batch-size", 64, "--concurrency", 1]),
-                          ("many", ["--batch-size", 3, "--concurrency", 4])):
+    for name, options in (
+        ("one", ["--batch-size", 64, "--concurrency", 1]),
+        ("many", ["--batch-size", 3, "--concurrency", 4]),
+    ):
         result = _cli(triton_server, "predict", source, "--out-dir", tmp_path / name, *options)
         assert result.exit_code == 0, result.output
         outputs[name] = {task: _read(path) for task, path in _files(tmp_path / name, served).items()}
@@ -141,8 +146,9 @@ def test_empty_texts_fail_listing_rows_or_are_written_unscored(triton_server, se
     source = _write_csv(tmp_path / "in.csv", rows)
     result = _cli(triton_server, "predict", source, "--out-dir", tmp_path / "out")
     assert result.exit_code == 2
-    assert "2 row(s) with an empty text (nothing but whitespace, control or format characters): row 2, 4" \
-        in result.stderr
+    assert (
+        "2 row(s) with an empty text (nothing but whitespace, control or format characters): row 2, 4" in result.stderr
+    )
     assert not (tmp_path / "out").exists()
 
     result = _cli(triton_server, "predict", source, "--out-dir", tmp_path / "out", "--allow-empty")
@@ -164,8 +170,9 @@ def test_streamed_stdin_with_a_late_bad_row_leaves_old_outputs_alone(triton_serv
     data = _write_csv(tmp_path / "in.csv", rows).read_bytes()
     result = _cli(triton_server, "predict", "-", "--out-dir", out_dir, "--batch-size", 2, input=data)
     assert result.exit_code == 2
-    assert (f"<stdin>: 1 row(s) with an empty text (nothing but whitespace, control or format characters): "
-            f"row {len(rows)}") in result.stderr
+    assert (
+        f"<stdin>: 1 row(s) with an empty text (nothing but whitespace, control or format characters): row {len(rows)}"
+    ) in result.stderr
     assert sorted(out_dir.iterdir()) == sorted(files.values())  # no temp file left
     assert all(p.read_text() == "from an earlier run\n" for p in files.values())
 
@@ -234,8 +241,10 @@ def test_health_and_info(triton_server, served, test_config):
     assert (details["model"]["precision"], details["model"]["runtime"]) == (serving.precision, serving.runtime)
     assert details["model"]["tokens_per_forward"] == serving.tokens_per_forward
     per_forward = "the device's default" if serving.tokens_per_forward == 0 else f"{serving.tokens_per_forward:,}"
-    assert (f"serving: precision {serving.precision}, runtime {serving.runtime}, device {serving.device}, "
-            f"tokens per forward {per_forward}") in result.stdout
+    assert (
+        f"serving: precision {serving.precision}, runtime {serving.runtime}, device {serving.device}, "
+        f"tokens per forward {per_forward}"
+    ) in result.stdout
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -247,11 +256,28 @@ def test_interrupted_run_leaves_no_temp_file_and_keeps_old_outputs(triton_server
     files = _files(out_dir, served)
     for path in files.values():
         path.write_text("from an earlier run\n")
-    command = [sys.executable, "-m", "mtl_client.cli", "predict", str(source), "--url", triton_server.grpc_url,
-               "--out-dir", str(out_dir), "--batch-size", "8", "--concurrency", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "mtl_client.cli",
+        "predict",
+        str(source),
+        "--url",
+        triton_server.grpc_url,
+        "--out-dir",
+        str(out_dir),
+        "--batch-size",
+        "8",
+        "--concurrency",
+        "1",
+    ]
     # A shell's background job may inherit an ignored SIGINT; the CLI must see the default.
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 60
         while not any(p.name.endswith(".tmp") for p in out_dir.iterdir()):
@@ -268,8 +294,15 @@ def test_interrupted_run_leaves_no_temp_file_and_keeps_old_outputs(triton_server
 
 
 def test_texts_with_nothing_visible_are_empty_like_the_server_says(triton_server, served, tmp_path):
-    rows = [("a", "Stocks fell sharply"), ("b", "\x00"), ("c", "\u200b"), ("d", "\ufeff"), ("e", " \u00a0 "),
-            ("f", "\u2028"), ("g", "A lovely concert")]
+    rows = [
+        ("a", "Stocks fell sharply"),
+        ("b", "\x00"),
+        ("c", "\u200b"),
+        ("d", "\ufeff"),
+        ("e", " \u00a0 "),
+        ("f", "\u2028"),
+        ("g", "A lovely concert"),
+    ]
     source = _write_csv(tmp_path / "in.csv", rows)
     result = _cli(triton_server, "predict", source, "--out-dir", tmp_path / "out")
     assert result.exit_code == 2, result.output
@@ -303,8 +336,10 @@ def test_a_fifo_is_read_once_like_stdin(triton_server, served, sample_rows, tmp_
 def test_process_substitution_input(triton_server, served, sample_rows, tmp_path):
     # The issue's repro: `mtl-client predict <(...)` said "/dev/fd/63: no such file".
     source = _write_csv(tmp_path / "in.csv", sample_rows)
-    script = (f'"{sys.executable}" -m mtl_client.cli predict <(cat "{source}") --url {triton_server.grpc_url} '
-              f'--out-dir "{tmp_path / "out"}"')
+    script = (
+        f'"{sys.executable}" -m mtl_client.cli predict <(cat "{source}") --url {triton_server.grpc_url} '
+        f'--out-dir "{tmp_path / "out"}"'
+    )
     done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1].startswith(f"{len(sample_rows)} rows in ")

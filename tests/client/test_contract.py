@@ -1,4 +1,5 @@
 """Reading the model's contract from its config, and turning responses into typed predictions."""
+
 import copy
 import json
 
@@ -7,20 +8,26 @@ import pytest
 
 from mtl_client import ModelContract, ModelContractError, Prediction, TaskPrediction
 
-TASKS = [{"name": "topic", "labels": ["entertainment", "finance", "tech"]},
-         {"name": "sentiment", "labels": ["negative", "neutral", "positive"]}]
+TASKS = [
+    {"name": "topic", "labels": ["entertainment", "finance", "tech"]},
+    {"name": "sentiment", "labels": ["negative", "neutral", "positive"]},
+]
 
 
 def _response(tasks=TASKS, **changes):
     """The shape tritonclient's get_model_config(as_json=True) returns (int64 values as strings)."""
     config = {
-        "name": "multitask", "max_batch_size": 256,
+        "name": "multitask",
+        "max_batch_size": 256,
         "input": [{"name": "TEXT", "data_type": "TYPE_STRING", "dims": ["1"]}],
         "output": [{"name": t["name"], "data_type": "TYPE_FP32", "dims": [str(len(t["labels"]))]} for t in tasks]
         + [{"name": "TRUNCATED", "data_type": "TYPE_BOOL", "dims": ["1"]}],
-        "parameters": {"tasks": {"string_value": json.dumps(tasks)}, "max_tokens": {"string_value": "256"},
-                       "output_filename": {"string_value": "{task}_predictions.csv"},
-                       "truncated_output": {"string_value": "TRUNCATED"}},
+        "parameters": {
+            "tasks": {"string_value": json.dumps(tasks)},
+            "max_tokens": {"string_value": "256"},
+            "output_filename": {"string_value": "{task}_predictions.csv"},
+            "truncated_output": {"string_value": "TRUNCATED"},
+        },
         "backend": "python",
     }
     config.update(changes)
@@ -56,23 +63,34 @@ def _parameters(**values):
     return response
 
 
-@pytest.mark.parametrize("response, message", [
-    (_parameters(tasks=None), "no 'tasks' parameter"),
-    (_parameters(tasks="[{not json"), "'tasks' is not valid JSON"),
-    (_parameters(tasks="{}"), "non-empty JSON list"),
-    (_parameters(tasks='[{"labels": ["a"]}]'), r"tasks\[0\] has no string 'name'"),
-    (_parameters(tasks='[{"name": "topic", "labels": []}]'), "task 'topic' needs a non-empty list"),
-    (_parameters(tasks='[{"name": "topic", "labels": ["a", "a"]}]'), "repeats a label"),
-    (_parameters(tasks=json.dumps(TASKS + [{"name": "urgency", "labels": ["low", "high"]}])),
-     "task 'urgency' .2 labels. needs an output tensor named 'urgency'; the outputs are topic, sentiment, TRUNCATED"),
-    (_parameters(tasks=json.dumps([{"name": "topic", "labels": ["a", "b"]}])),
-     r"output 'topic' is TYPE_FP32 dims \[3\]; task 'topic' \(2 labels\) needs TYPE_FP32 dims \[2\]"),
-    (_parameters(truncated_output="CUT"), "needs an output tensor named 'CUT'"),
-    (_parameters(output_filename="predictions.csv"), "must contain '{task}'"),
-    (_parameters(output_filename="../{task}.csv"), "not a plain file name"),
-    (_response(max_batch_size=0), "max_batch_size is 0"),
-    (_response(input=[{"name": "IDS", "data_type": "TYPE_INT64", "dims": ["-1"]}]), r"one TYPE_STRING input, found IDS"),
-])
+@pytest.mark.parametrize(
+    "response, message",
+    [
+        (_parameters(tasks=None), "no 'tasks' parameter"),
+        (_parameters(tasks="[{not json"), "'tasks' is not valid JSON"),
+        (_parameters(tasks="{}"), "non-empty JSON list"),
+        (_parameters(tasks='[{"labels": ["a"]}]'), r"tasks\[0\] has no string 'name'"),
+        (_parameters(tasks='[{"name": "topic", "labels": []}]'), "task 'topic' needs a non-empty list"),
+        (_parameters(tasks='[{"name": "topic", "labels": ["a", "a"]}]'), "repeats a label"),
+        (
+            _parameters(tasks=json.dumps(TASKS + [{"name": "urgency", "labels": ["low", "high"]}])),
+            "task 'urgency' .2 labels. needs an output tensor named 'urgency'; "
+            "the outputs are topic, sentiment, TRUNCATED",
+        ),
+        (
+            _parameters(tasks=json.dumps([{"name": "topic", "labels": ["a", "b"]}])),
+            r"output 'topic' is TYPE_FP32 dims \[3\]; task 'topic' \(2 labels\) needs TYPE_FP32 dims \[2\]",
+        ),
+        (_parameters(truncated_output="CUT"), "needs an output tensor named 'CUT'"),
+        (_parameters(output_filename="predictions.csv"), "must contain '{task}'"),
+        (_parameters(output_filename="../{task}.csv"), "not a plain file name"),
+        (_response(max_batch_size=0), "max_batch_size is 0"),
+        (
+            _response(input=[{"name": "IDS", "data_type": "TYPE_INT64", "dims": ["-1"]}]),
+            r"one TYPE_STRING input, found IDS",
+        ),
+    ],
+)
 def test_contract_errors_say_what_is_wrong(response, message):
     with pytest.raises(ModelContractError, match=message):
         ModelContract.from_model_config(response, "multitask")

@@ -1,4 +1,5 @@
 """The CLI's CSV reader and row checks: encodings, CSV syntax, headers, empty and oversized texts, ids."""
+
 import io
 import re
 
@@ -34,7 +35,7 @@ def test_utf8_bom_quoted_commas_and_newlines():
 
 
 def test_crlf_line_endings_and_blank_lines():
-    rows = _rows(b"id,text\r\n1,a\r\n\r\n2,\"b\r\nc\"\r\n\r\n")
+    rows = _rows(b'id,text\r\n1,a\r\n\r\n2,"b\r\nc"\r\n\r\n')
     assert [(r.number, r.id, r.text) for r in rows] == [(1, "1", "a"), (2, "2", "b\r\nc")]
 
 
@@ -76,8 +77,9 @@ def test_header_only_file():
 
 
 def test_short_row_is_reported():
-    with pytest.raises(InputFileError,
-                       match=r"row 2 has 1 field but the header has 2 \(line 3\): no value for column 'text'"):
+    with pytest.raises(
+        InputFileError, match=r"row 2 has 1 field but the header has 2 \(line 3\): no value for column 'text'"
+    ):
         _rows(b"id,text\n1,ok\n2\n")
 
 
@@ -96,11 +98,14 @@ def test_a_row_with_more_fields_than_the_header_is_refused_not_cut():
     assert _rows(b'id,text\nx1,"Shares rose, but the bank warned"\n')[0].text == "Shares rose, but the bank warned"
 
 
-@pytest.mark.parametrize("header, message", [
-    (b"id,text,id,text", "the header names column 'id' twice (columns 1 and 3)"),
-    (b"text,label,text", "the header names column 'text' twice (columns 1 and 3)"),
-    (b"id,,text,", "the header names column '' twice (columns 2 and 4)"),
-])
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        (b"id,text,id,text", "the header names column 'id' twice (columns 1 and 3)"),
+        (b"text,label,text", "the header names column 'text' twice (columns 1 and 3)"),
+        (b"id,,text,", "the header names column '' twice (columns 2 and 4)"),
+    ],
+)
 def test_a_column_name_given_twice_is_refused(header, message):
     with pytest.raises(InputFileError, match=re.escape(f"in.csv: {message}")):
         CsvInput(io.BytesIO(header + b"\n1,a,2,b\n"), "in.csv")
@@ -114,8 +119,9 @@ def test_tab_separated_input():
         _rows(b"id\ttext\n1\tx\n")
 
 
-@pytest.mark.parametrize("value, expected", [(",", ","), (";", ";"), ("|", "|"), ("\t", "\t"), ("\\t", "\t"),
-                                             ("tab", "\t")])
+@pytest.mark.parametrize(
+    "value, expected", [(",", ","), (";", ";"), ("|", "|"), ("\t", "\t"), ("\\t", "\t"), ("tab", "\t")]
+)
 def test_delimiter_names(value, expected):
     assert parse_delimiter(value) == expected
 
@@ -164,7 +170,7 @@ def test_a_huge_field_is_refused_while_reading_not_held_whole():
 
 def test_rows_up_to_the_row_limit_are_read_whole():
     text = "y" * 5000
-    data = f"id,text\n1,{text}\n2,\"{text}\n{text}\"\n".encode()
+    data = f'id,text\n1,{text}\n2,"{text}\n{text}"\n'.encode()
     rows = _rows(data, max_row_chars=2 * 5000 + 20)
     assert [len(r.text) for r in rows] == [5000, 10001]
     with pytest.raises(InputFileError, match="row 1 .from line 2. is too large"):
@@ -181,7 +187,7 @@ def test_lines_split_across_read_chunks():
     # The \r of a \r\n is the last byte of the first read.
     ascii_text = "y" * (READ_CHUNK - len("id,text\r\n1,") - 1)
     data = f"id,text\r\n1,{ascii_text}\r\n2,b,c\r\n".encode()
-    assert data[READ_CHUNK - 1:READ_CHUNK + 1] == b"\r\n"
+    assert data[READ_CHUNK - 1 : READ_CHUNK + 1] == b"\r\n"
     # One line break, not two: the bad row is on line 3.
     with pytest.raises(InputFileError, match=r"row 2 has 3 fields but the header has 2 \(line 3\)"):
         _rows(data)
@@ -223,8 +229,12 @@ def test_rows_are_read_lazily():
 
 
 def _checker(**options):
-    return RowChecker("in.csv", allow_empty=options.pop("allow_empty", False),
-                      max_request_bytes=options.pop("max_request_bytes", 1000), check_ids=options.pop("check_ids", True))
+    return RowChecker(
+        "in.csv",
+        allow_empty=options.pop("allow_empty", False),
+        max_request_bytes=options.pop("max_request_bytes", 1000),
+        check_ids=options.pop("check_ids", True),
+    )
 
 
 def test_checker_lists_empty_rows_with_count():
@@ -233,9 +243,11 @@ def test_checker_lists_empty_rows_with_count():
     sent = [check.check(r) for r in rows]
     assert sent.count(False) == 10 and check.failed
     error = check.error()
-    assert str(error) == ("in.csv: 10 row(s) with an empty text (nothing but whitespace, control or format "
-                          "characters): row 3, 6, 9, 12, 15, ... (fix them, or pass --allow-empty to write them "
-                          "unscored)")
+    assert str(error) == (
+        "in.csv: 10 row(s) with an empty text (nothing but whitespace, control or format "
+        "characters): row 3, 6, 9, 12, 15, ... (fix them, or pass --allow-empty to write them "
+        "unscored)"
+    )
     assert error.count == 10 and error.index == 2
 
 
@@ -261,8 +273,9 @@ def test_checker_reports_an_empty_id_as_empty():
     for number, (row_id, text) in enumerate([("", "x"), ("b", " "), ("  ", "y")], 1):
         check.check(InputRow(number, row_id, text))
     message = str(check.error())
-    assert message.startswith("in.csv: 2 row(s) with an empty id (column 'key'): row 1, 3 (give every row an id); "
-                              "1 row(s) with an empty text")
+    assert message.startswith(
+        "in.csv: 2 row(s) with an empty id (column 'key'): row 1, 3 (give every row an id); 1 row(s) with an empty text"
+    )
     assert "repeat" not in message
     # --allow-empty is about texts only.
     check = RowChecker("in.csv", allow_empty=True, max_request_bytes=1000, check_ids=True, id_column="id")

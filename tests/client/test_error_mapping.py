@@ -1,4 +1,5 @@
 """Translating tritonclient's exceptions into the client's error tree; retries with backoff."""
+
 import contextlib
 import random
 import socket
@@ -26,16 +27,19 @@ def _error(status, message="boom"):
     return InferenceServerException(msg=message, status=status)
 
 
-@pytest.mark.parametrize("status, kind", [
-    ("StatusCode.UNAVAILABLE", ServerUnavailableError),
-    ("StatusCode.DEADLINE_EXCEEDED", RequestTimeoutError),
-    ("StatusCode.NOT_FOUND", ModelNotFoundError),
-    ("StatusCode.INVALID_ARGUMENT", InvalidInputError),
-    ("StatusCode.RESOURCE_EXHAUSTED", InvalidInputError),
-    ("StatusCode.INTERNAL", ServerError),
-    ("StatusCode.UNAUTHENTICATED", ServerError),
-    (None, ServerError),
-])
+@pytest.mark.parametrize(
+    "status, kind",
+    [
+        ("StatusCode.UNAVAILABLE", ServerUnavailableError),
+        ("StatusCode.DEADLINE_EXCEEDED", RequestTimeoutError),
+        ("StatusCode.NOT_FOUND", ModelNotFoundError),
+        ("StatusCode.INVALID_ARGUMENT", InvalidInputError),
+        ("StatusCode.RESOURCE_EXHAUSTED", InvalidInputError),
+        ("StatusCode.INTERNAL", ServerError),
+        ("StatusCode.UNAUTHENTICATED", ServerError),
+        (None, ServerError),
+    ],
+)
 def test_every_status_maps_into_the_tree(status, kind):
     error = translate(_error(status), url="h:1", model="m")
     assert type(error) is kind and isinstance(error, MTLClientError)
@@ -50,16 +54,18 @@ def test_tree_shape():
 
 def test_server_row_becomes_the_callers_index():
     # The request held the caller's texts 40, 41, 45 (others were passed through); the server's row 2 is 45.
-    error = translate(_error("StatusCode.INVALID_ARGUMENT", "row 2: empty text"), url="h:1", model="m",
-                      rows=[40, 41, 45])
+    error = translate(
+        _error("StatusCode.INVALID_ARGUMENT", "row 2: empty text"), url="h:1", model="m", rows=[40, 41, 45]
+    )
     assert isinstance(error, InvalidInputError)
     assert error.index == 45 and error.reason == "empty text" and str(error) == "texts[45]: empty text"
 
 
 def test_server_row_without_mapping_keeps_the_message():
     for rows in (None, [0]):
-        error = translate(_error("StatusCode.INVALID_ARGUMENT", "row 3: invalid UTF-8 at byte 0"), url="h:1",
-                          model="m", rows=rows)
+        error = translate(
+            _error("StatusCode.INVALID_ARGUMENT", "row 3: invalid UTF-8 at byte 0"), url="h:1", model="m", rows=rows
+        )
         assert error.index is None and "row 3: invalid UTF-8 at byte 0" in str(error)
 
 
@@ -71,7 +77,7 @@ def test_only_unavailable_is_transient():
 def test_backoff_grows_exponentially_with_jitter_and_a_cap():
     rng = random.Random(5)
     for attempt in range(12):
-        ceiling = min(5.0, 0.1 * 2 ** attempt)
+        ceiling = min(5.0, 0.1 * 2**attempt)
         delays = [backoff_delay(attempt, 0.1, 5.0, rng) for _ in range(50)]
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
         assert len(set(delays)) > 1
@@ -126,12 +132,17 @@ def test_a_server_shutting_down_is_transient():
 
     from mtl_client.errors import ServerUnavailableError, is_transient, translate
 
-    for status, message in [("StatusCode.CANCELLED", "cancelled"),
-                            ("StatusCode.NOT_FOUND", "Request for unknown model: 'multitask' has no available versions")]:
+    for status, message in [
+        ("StatusCode.CANCELLED", "cancelled"),
+        ("StatusCode.NOT_FOUND", "Request for unknown model: 'multitask' has no available versions"),
+    ]:
         error = translate(InferenceServerException(message, status=status), url="u", model="multitask")
         assert isinstance(error, ServerUnavailableError) and is_transient(error)
-    missing = translate(InferenceServerException("Request for unknown model: 'nope' is not found",
-                                                 status="StatusCode.NOT_FOUND"), url="u", model="nope")
+    missing = translate(
+        InferenceServerException("Request for unknown model: 'nope' is not found", status="StatusCode.NOT_FOUND"),
+        url="u",
+        model="nope",
+    )
     assert not is_transient(missing)
 
 
@@ -140,14 +151,23 @@ def test_a_server_shutting_down_is_transient():
 RESTART_ANSWERS = [
     ("StatusCode.INTERNAL", "Stub process 'multitask_0_0' is not healthy."),
     ("StatusCode.INTERNAL", "Stub process is not healthy."),
-    ("StatusCode.INTERNAL", "Failed to process the request(s) for model instance 'multitask_0_1', message: "
-                            "Stub process 'multitask_0_1' is not healthy."),
-    ("StatusCode.UNAVAILABLE", "[request id: <id_unknown>] Server is stopping, scheduler for model has stopped "
-                               "accepting new inference requests"),
+    (
+        "StatusCode.INTERNAL",
+        "Failed to process the request(s) for model instance 'multitask_0_1', message: "
+        "Stub process 'multitask_0_1' is not healthy.",
+    ),
+    (
+        "StatusCode.UNAVAILABLE",
+        "[request id: <id_unknown>] Server is stopping, scheduler for model has stopped "
+        "accepting new inference requests",
+    ),
     ("StatusCode.NOT_FOUND", "Request for unknown model: 'multitask' has no available versions"),
     ("StatusCode.UNAVAILABLE", "Stream removed (recvmsg:Connection reset by peer (104))"),
-    ("StatusCode.UNAVAILABLE", "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:37419: "
-                               "Failed to connect to remote host: Connection refused"),
+    (
+        "StatusCode.UNAVAILABLE",
+        "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:37419: "
+        "Failed to connect to remote host: Connection refused",
+    ),
 ]
 
 
@@ -159,18 +179,23 @@ def test_a_model_being_restarted_is_transient(status, message):
 
 
 def test_other_internal_errors_are_not_retried():
-    error = translate(_error("StatusCode.INTERNAL", "Failed to execute the model: CUDA out of memory"),
-                      url="h:1", model="m")
+    error = translate(
+        _error("StatusCode.INTERNAL", "Failed to execute the model: CUDA out of memory"), url="h:1", model="m"
+    )
     assert type(error) is ServerError and not is_transient(error)
 
 
 # gRPC's own words (grpcio 1.85, recorded against LocalTriton with and without --grpc-server-cert).
-NOT_TLS = ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:59285: Tls handshake failed "
-           "(TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:100000f7:SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER: "
-           "Invalid certificate verification context: OK")
-UNTRUSTED = ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:58995: Tls handshake failed "
-             "(TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL routines:OPENSSL_internal:"
-             "CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate: OK")
+NOT_TLS = (
+    "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:59285: Tls handshake failed "
+    "(TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:100000f7:SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER: "
+    "Invalid certificate verification context: OK"
+)
+UNTRUSTED = (
+    "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:58995: Tls handshake failed "
+    "(TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL routines:OPENSSL_internal:"
+    "CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate: OK"
+)
 CLOSED = "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:{port}: Socket closed"
 
 
@@ -178,8 +203,10 @@ def test_a_tls_client_against_a_plaintext_server_is_one_clear_error_and_not_retr
     error = translate(_error("StatusCode.UNAVAILABLE", NOT_TLS), url="h:1", model="m")
     assert isinstance(error, TlsMismatchError) and isinstance(error, ServerUnavailableError)
     assert not is_transient(error)
-    assert str(error) == ("server at h:1 is unavailable over TLS: it does not speak TLS (the handshake failed with "
-                          "WRONG_VERSION_NUMBER); connect without --ssl and the certificate options (ssl=False)")
+    assert str(error) == (
+        "server at h:1 is unavailable over TLS: it does not speak TLS (the handshake failed with "
+        "WRONG_VERSION_NUMBER); connect without --ssl and the certificate options (ssl=False)"
+    )
 
 
 def test_an_untrusted_certificate_is_not_retried():
@@ -217,8 +244,11 @@ def tls_listener(tls_material):
 
 def test_a_closed_socket_from_a_tls_server_is_a_tls_mismatch(tls_listener):
     message = CLOSED.format(port=tls_listener.rpartition(":")[2])
-    for tls, advice in ((False, "connect with --ssl"), (True, "--private-key and --certificate-chain"),
-                        (None, "a plaintext client needs --ssl")):
+    for tls, advice in (
+        (False, "connect with --ssl"),
+        (True, "--private-key and --certificate-chain"),
+        (None, "a plaintext client needs --ssl"),
+    ):
         error = translate(_error("StatusCode.UNAVAILABLE", message), url=tls_listener, model="m", tls=tls)
         assert isinstance(error, TlsMismatchError) and not is_transient(error), tls
         assert str(error).startswith(f"server at {tls_listener} is unavailable: it serves gRPC over TLS")

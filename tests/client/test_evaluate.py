@@ -1,4 +1,5 @@
 """`mtl-client evaluate`: metrics against hand-computed cases, label checks, --json and --plot, and a real run."""
+
 import csv
 import io
 import json
@@ -72,10 +73,12 @@ def test_unlabelled_cells_and_a_label_nobody_has():
     # letters: 3 labelled rows (true a, a, b; predicted a, b, b): c neither true nor predicted is left out of the
     # macro averages. mood: labelled on 2 rows only.
     evaluation = Evaluation((LETTERS, MOOD))
-    rows = [((0, 1), dict(letters=[0.9, 0.05, 0.05], mood=[0.2, 0.8])),
-            ((0, None), dict(letters=[0.3, 0.6, 0.1], mood=[0.6, 0.4])),
-            ((1, 0), dict(letters=[0.1, 0.8, 0.1], mood=[0.3, 0.7])),
-            ((None, None), None)]
+    rows = [
+        ((0, 1), dict(letters=[0.9, 0.05, 0.05], mood=[0.2, 0.8])),
+        ((0, None), dict(letters=[0.3, 0.6, 0.1], mood=[0.6, 0.4])),
+        ((1, 0), dict(letters=[0.1, 0.8, 0.1], mood=[0.3, 0.7])),
+        ((None, None), None),
+    ]
     for labels, probabilities in rows:
         evaluation.add(labels, _prediction(**probabilities) if probabilities else None)
     report = evaluation.report(input="x.csv")
@@ -90,8 +93,9 @@ def test_unlabelled_cells_and_a_label_nobody_has():
     assert mood["rows"] == 2 and mood["confusion_matrix"] == [[0, 1], [0, 1]]
     assert mood["accuracy"] == 0.5 and mood["macro_recall"] == pytest.approx(0.5, abs=1e-4)
     # The same numbers as metrics.classification_report on the labelled rows alone.
-    direct = classification_report([0, 0, 1], np.array([[0.9, 0.05, 0.05], [0.3, 0.6, 0.1], [0.1, 0.8, 0.1]]),
-                                    LETTERS.labels)
+    direct = classification_report(
+        [0, 0, 1], np.array([[0.9, 0.05, 0.05], [0.3, 0.6, 0.1], [0.1, 0.8, 0.1]]), LETTERS.labels
+    )
     assert letters == direct
     text = format_report(report)
     assert "letters: 3 labelled rows" in text and "mood: 2 labelled rows" in text
@@ -99,8 +103,9 @@ def test_unlabelled_cells_and_a_label_nobody_has():
 
 
 def _contract(tasks=(LETTERS, MOOD)) -> ModelContract:
-    return ModelContract(model="demo", input_name="TEXT", tasks=tuple(tasks), max_batch_size=8,
-                         truncated_output="TRUNCATED")
+    return ModelContract(
+        model="demo", input_name="TEXT", tasks=tuple(tasks), max_batch_size=8, truncated_output="TRUNCATED"
+    )
 
 
 def test_label_columns_are_the_servers_tasks_found_in_the_header():
@@ -109,8 +114,10 @@ def test_label_columns_are_the_servers_tasks_found_in_the_header():
     assert [row.extra for row in source] == [("b", "up")]
     with pytest.raises(InputFileError) as info:
         label_tasks(CsvInput(io.BytesIO(b"text,label\nhi,b\n"), "in.csv"), _contract())
-    assert str(info.value) == ("in.csv: no label column: name a column after a task of model 'demo' "
-                               "(its tasks: letters (a, b, c); mood (down, up)); columns found: 'text', 'label'")
+    assert str(info.value) == (
+        "in.csv: no label column: name a column after a task of model 'demo' "
+        "(its tasks: letters (a, b, c); mood (down, up)); columns found: 'text', 'label'"
+    )
 
 
 def test_a_label_the_server_does_not_know_names_row_column_and_valid_labels():
@@ -122,8 +129,10 @@ def test_a_label_the_server_does_not_know_names_row_column_and_valid_labels():
     check.labels(InputRow(4, 4, "t", ("b", "sideways")))
     assert check.failed
     error = check.error()
-    assert str(error) == ("in.csv: row 3, column 'letters': 'A' is not a label of task 'letters' (valid labels: "
-                          "a, b, c; an empty cell leaves the row unlabelled); 2 unknown labels in all (rows 3, 4)")
+    assert str(error) == (
+        "in.csv: row 3, column 'letters': 'A' is not a label of task 'letters' (valid labels: "
+        "a, b, c; an empty cell leaves the row unlabelled); 2 unknown labels in all (rows 3, 4)"
+    )
     assert error.index == 2 and error.count == 2
 
 
@@ -169,16 +178,22 @@ def _expected(server, rows, test_config) -> dict:
         predictions = client.predict([row[text_column] for row in rows])
     expected = {}
     for task in test_config.tasks:
-        pairs = [(list(task.labels).index(row[task.name]), prediction[task.name].probabilities)
-                 for row, prediction in zip(rows, predictions, strict=True) if row[task.name]]
+        pairs = [
+            (list(task.labels).index(row[task.name]), prediction[task.name].probabilities)
+            for row, prediction in zip(rows, predictions, strict=True)
+            if row[task.name]
+        ]
         probabilities = np.array([[p[label] for label in task.labels] for _, p in pairs])
         truth = [t for t, _ in pairs]
         matrix = np.zeros((len(task.labels), len(task.labels)), dtype=int)
         for t, predicted in zip(truth, probabilities.argmax(axis=1), strict=True):
             matrix[t, predicted] += 1
-        expected[task.name] = {"rows": len(pairs), "accuracy": float(np.trace(matrix) / len(pairs)),
-                               "confusion_matrix": matrix.tolist(),
-                               "report": classification_report(truth, probabilities, task.labels)}
+        expected[task.name] = {
+            "rows": len(pairs),
+            "accuracy": float(np.trace(matrix) / len(pairs)),
+            "confusion_matrix": matrix.tolist(),
+            "report": classification_report(truth, probabilities, task.labels),
+        }
     return expected
 
 
@@ -186,8 +201,18 @@ def _expected(server, rows, test_config) -> dict:
 def test_evaluate_the_validation_split_through_the_server(triton_server, labelled, test_config, tmp_path):
     path, rows = labelled
     expected = _expected(triton_server, rows, test_config)
-    result = _cli(triton_server, "evaluate", path, "--json", "--plot", tmp_path / "report.png", "--batch-size", 32,
-                  "--model", test_config.serving.model_name)
+    result = _cli(
+        triton_server,
+        "evaluate",
+        path,
+        "--json",
+        "--plot",
+        tmp_path / "report.png",
+        "--batch-size",
+        32,
+        "--model",
+        test_config.serving.model_name,
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["rows"] == len(rows) and report["model"] == test_config.serving.model_name
@@ -233,16 +258,20 @@ def test_evaluate_one_task_from_a_tsv(triton_server, labelled, test_config, tmp_
 def test_evaluate_refuses_bad_labels_and_files(triton_server, test_config, tmp_path):
     first, second = test_config.tasks[0], test_config.tasks[-1]
     cases = {
-        f"text,{first.name}\nok text,{first.labels[0]}\nanother text,not-a-label\n":
+        f"text,{first.name}\nok text,{first.labels[0]}\nanother text,not-a-label\n": (
             f"row 2, column '{first.name}': 'not-a-label' is not a label of task '{first.name}' "
-            f"(valid labels: {', '.join(first.labels)};",
-        f"text,{second.name}\na,{second.labels[0]}\nb,{second.labels[0].upper()}x\nc,??\n":
-            "2 unknown labels in all (rows 2, 3)",
-        "text,label\nsome text,x\n":
+            f"(valid labels: {', '.join(first.labels)};"
+        ),
+        f"text,{second.name}\na,{second.labels[0]}\nb,{second.labels[0].upper()}x\nc,??\n": (
+            "2 unknown labels in all (rows 2, 3)"
+        ),
+        "text,label\nsome text,x\n": (
             f"no label column: name a column after a task of model '{test_config.serving.model_name}' (its tasks: "
-            + "; ".join(f"{t.name} ({', '.join(t.labels)})" for t in test_config.tasks),
-        f"text,{first.name}\nShares rose, but the bank warned,{first.labels[0]}\n":
-            "row 1 has 3 fields but the header has 2 (line 2)",
+            + "; ".join(f"{t.name} ({', '.join(t.labels)})" for t in test_config.tasks)
+        ),
+        f"text,{first.name}\nShares rose, but the bank warned,{first.labels[0]}\n": (
+            "row 1 has 3 fields but the header has 2 (line 2)"
+        ),
         f"text,{first.name}\n\u200b,{first.labels[0]}\n": "1 row(s) with an empty text",
     }
     for data, message in cases.items():

@@ -1,4 +1,5 @@
 """The README's Python API example, run exactly as written (only the URL points at the test server)."""
+
 import contextlib
 import csv
 import io
@@ -40,6 +41,7 @@ def test_readme_python_api_snippet_runs(triton_server, test_config, monkeypatch)
             for text in texts:
                 streamed.append(text)
                 yield text
+
         return predict_iter(self, tap(), *args, **kwargs)
 
     monkeypatch.setattr(MultiTaskClient, "predict", recording_predict)
@@ -53,8 +55,10 @@ def test_readme_python_api_snippet_runs(triton_server, test_config, monkeypatch)
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(code.replace('"localhost:8001"', repr(triton_server.grpc_url)), "README.md", "exec"),
-             {"open": tracking_open})
+        exec(
+            compile(code.replace('"localhost:8001"', repr(triton_server.grpc_url)), "README.md", "exec"),
+            {"open": tracking_open},
+        )
     lines = out.getvalue().splitlines()
 
     # The first lines: each text's labels of the first two tasks and the second task's score, as the server said.

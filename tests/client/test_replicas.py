@@ -7,6 +7,7 @@ Who served what is read from each server's Triton metrics (requests and rows ans
 servers' watchdogs send one-row canary inferences meanwhile, so the tests send full batches only and count
 those (`full_batches`).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -120,10 +121,15 @@ def test_urls_come_as_a_list_or_a_comma_string_and_a_target_with_a_scheme_stays_
     assert normalize_urls("a:1, grpc://b:2") == ("a:1", "b:2")
     assert normalize_urls(["a:1,b:2", "c:3"]) == ("a:1", "b:2", "c:3")
     assert normalize_urls("dns:///mtl-triton-headless.default.svc.cluster.local:8001") == (
-        "dns:///mtl-triton-headless.default.svc.cluster.local:8001",)
+        "dns:///mtl-triton-headless.default.svc.cluster.local:8001",
+    )
     assert normalize_urls("ipv4:10.0.0.1:8001,10.0.0.2:8001") == ("ipv4:10.0.0.1:8001,10.0.0.2:8001",)
-    for bad, message in [("a:1,a:1", "given twice"), ("a:1,", "bad server url"), ("a:1,http://b:8000", "HTTP url"),
-                         ("dns:///", "nothing after the scheme")]:
+    for bad, message in [
+        ("a:1,a:1", "given twice"),
+        ("a:1,", "bad server url"),
+        ("a:1,http://b:8000", "HTTP url"),
+        ("dns:///", "nothing after the scheme"),
+    ]:
         with pytest.raises(MTLClientError, match=message):
             normalize_urls(bad)
     with MultiTaskClient(["127.0.0.1:1", "127.0.0.1:2"]) as client:
@@ -172,8 +178,9 @@ def test_attempts_fail_over_then_back_off_then_give_up_naming_every_endpoint():
     attempts.failed(retry.endpoint, ServerUnavailableError("still down"), cause)
     with pytest.raises(ServerUnavailableError) as info:
         attempts.next()
-    assert str(info.value) == ("every endpoint is unavailable (a:1, b:2); last error: still down "
-                               "(gave up after 1 retries)")
+    assert str(info.value) == (
+        "every endpoint is unavailable (a:1, b:2); last error: still down (gave up after 1 retries)"
+    )
     assert info.value.__cause__ is cause
     # A call that finds every endpoint out tries the one back soonest at once rather than failing untried.
     fresh = Attempts(pool, retries=0)
@@ -184,16 +191,31 @@ def test_attempts_fail_over_then_back_off_then_give_up_naming_every_endpoint():
 
 def test_when_every_endpoint_is_down_the_run_gives_up_naming_them(tmp_path):
     urls = [closed_port_url(), closed_port_url()]
-    with (MultiTaskClient(urls, retries=2, timeout_s=5) as client,
-          pytest.raises(ServerUnavailableError, match="gave up after 2 retries") as info):
+    with (
+        MultiTaskClient(urls, retries=2, timeout_s=5) as client,
+        pytest.raises(ServerUnavailableError, match="gave up after 2 retries") as info,
+    ):
         client.predict(["hello"])
     message = str(info.value)
     assert "every endpoint is unavailable" in message and all(url in message for url in urls)
 
     source = tmp_path / "in.csv"
     source.write_text("id,text\n1,hello\n")
-    result = CliRunner().invoke(main, ["predict", str(source), "--url", urls[0], "--url", urls[1], "--retries", "1",
-                                       "--out-dir", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "predict",
+            str(source),
+            "--url",
+            urls[0],
+            "--url",
+            urls[1],
+            "--retries",
+            "1",
+            "--out-dir",
+            str(tmp_path / "out"),
+        ],
+    )
     assert result.exit_code == 1, result.output
     assert all(url in result.stderr for url in urls) and "gave up after 1 retries" in result.stderr
     assert not (tmp_path / "out").exists()
@@ -207,7 +229,8 @@ def test_when_every_endpoint_is_down_the_run_gives_up_naming_them(tmp_path):
 
 # -- real replicas --------------------------------------------------------------------------------------
 def test_a_replica_down_at_start_is_skipped_then_probed_back_and_round_robin_spreads_the_load(
-        triton_server, local_triton, texts, model):
+    triton_server, local_triton, texts, model
+):
     from mtl_serve.local import free_port
 
     late_port = free_port()
@@ -215,8 +238,8 @@ def test_a_replica_down_at_start_is_skipped_then_probed_back_and_round_robin_spr
     with MultiTaskClient([triton_server.grpc_url, late_url], concurrency=CONCURRENCY) as client:
         # The second replica is not running: every row goes to the first, none is lost.
         before = served(triton_server, model)
-        first = client.predict(texts[:6 * BATCH], batch_size=BATCH)
-        assert [p.text for p in first] == texts[:6 * BATCH]
+        first = client.predict(texts[: 6 * BATCH], batch_size=BATCH)
+        assert [p.text for p in first] == texts[: 6 * BATCH]
         assert batches_since(triton_server, model, before) == 6
 
         late = local_triton(grpc_port=late_port)
@@ -280,8 +303,9 @@ def test_sdk_run_survives_a_replica_stopped_in_the_middle(triton_server, local_t
             assert_same_labels(predictions[part], alone.predict(texts[part], batch_size=BATCH))
 
 
-def test_cli_run_survives_a_replica_killed_in_the_middle(triton_server, local_triton, texts, model, test_config,
-                                                        tmp_path):
+def test_cli_run_survives_a_replica_killed_in_the_middle(
+    triton_server, local_triton, texts, model, test_config, tmp_path
+):
     victim = local_triton(watchdog=False)  # a dead Triton stays dead
     source = tmp_path / "in.csv"
     with source.open("w", newline="", encoding="utf-8") as handle:
@@ -289,11 +313,24 @@ def test_cli_run_survives_a_replica_killed_in_the_middle(triton_server, local_tr
         writer.writerow(["id", "text"])
         writer.writerows((f"r{i}", text) for i, text in enumerate(texts))
     start = served(triton_server, model)
-    thread, stop = stop_when_served(triton_server, victim, model, ROWS // 5,
-                                    lambda: os.killpg(victim.pid, signal.SIGKILL))
-    result = CliRunner().invoke(main, ["predict", str(source), "--url", f"{victim.grpc_url},{triton_server.grpc_url}",
-                                       "--out-dir", str(tmp_path / "out"), "--batch-size", str(BATCH),
-                                       "--concurrency", str(CONCURRENCY)])
+    thread, stop = stop_when_served(
+        triton_server, victim, model, ROWS // 5, lambda: os.killpg(victim.pid, signal.SIGKILL)
+    )
+    result = CliRunner().invoke(
+        main,
+        [
+            "predict",
+            str(source),
+            "--url",
+            f"{victim.grpc_url},{triton_server.grpc_url}",
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--batch-size",
+            str(BATCH),
+            "--concurrency",
+            str(CONCURRENCY),
+        ],
+    )
     thread.join(timeout=120)
     assert result.exit_code == 0, result.output
     assert stop.get("stopped"), "the replica was not killed during the run"
@@ -317,8 +354,9 @@ def _link_or_copy(source, target):
         shutil.copy2(source, target)
 
 
-def test_a_replica_serving_another_contract_is_an_error_naming_it(triton_server, local_triton, built_repository,
-                                                                  test_config, tmp_path, texts, model):
+def test_a_replica_serving_another_contract_is_an_error_naming_it(
+    triton_server, local_triton, built_repository, test_config, tmp_path, texts, model
+):
     other = tmp_path / "other-repository"
     shutil.copytree(built_repository, other, copy_function=_link_or_copy)
     config = other / model / "config.pbtxt"

@@ -3,6 +3,7 @@
 One SparkSession for the module (its start-up is slow). Every label is compared with MultiTaskClient.predict
 on the same texts; tasks and labels come from the test project's config, never from constants.
 """
+
 from __future__ import annotations
 
 import csv
@@ -36,12 +37,15 @@ def spark():
     # The workers must run this interpreter (the one with mtl_client, pandas and pyarrow installed).
     previous = os.environ.get("PYSPARK_PYTHON")
     os.environ["PYSPARK_PYTHON"] = sys.executable
-    session = (SparkSession.builder.master("local[2]").appName("mtl-client-tests")
-               .config("spark.ui.enabled", "false")
-               .config("spark.sql.shuffle.partitions", "2")
-               # Several Arrow batches per partition, so that requests stream across batch boundaries.
-               .config("spark.sql.execution.arrow.maxRecordsPerBatch", "300")
-               .getOrCreate())
+    session = (
+        SparkSession.builder.master("local[2]")
+        .appName("mtl-client-tests")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", "2")
+        # Several Arrow batches per partition, so that requests stream across batch boundaries.
+        .config("spark.sql.execution.arrow.maxRecordsPerBatch", "300")
+        .getOrCreate()
+    )
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()
@@ -83,8 +87,9 @@ def _served_rows(server, model: str) -> tuple[int, int]:
 def test_every_row_is_scored_once_with_the_labels_of_the_sdk(spark, frame, rows, triton_server, test_config):
     model = test_config.serving.model_name
     before = _served_rows(triton_server, model)
-    scored = predict_dataframe(frame, "text", url=triton_server.grpc_url, model=model, probabilities=True,
-                               batch_size=64, concurrency=4)
+    scored = predict_dataframe(
+        frame, "text", url=triton_server.grpc_url, model=model, probabilities=True, batch_size=64, concurrency=4
+    )
     tasks = [task.name for task in test_config.tasks]
     assert scored.columns == ["id", "text", *tasks, "truncated"]
     output = scored.collect()
@@ -125,8 +130,9 @@ def test_the_result_type_is_read_from_the_server(triton_server, test_config):
 
 
 def test_empty_texts_fail_unless_allowed(spark, triton_server, test_config):
-    df = spark.createDataFrame([("a", "A fine sentence about the stock market"), ("b", "   "), ("c", None)],
-                               "id string, text string").coalesce(1)
+    df = spark.createDataFrame(
+        [("a", "A fine sentence about the stock market"), ("b", "   "), ("c", None)], "id string, text string"
+    ).coalesce(1)
     udf = prediction_udf(triton_server.grpc_url, test_config.serving.model_name)
     with pytest.raises(PythonException, match="empty text"):
         df.select(udf("text")).collect()
@@ -145,6 +151,7 @@ def test_each_worker_process_keeps_one_client(spark, triton_server):
         import os as worker_os
 
         from mtl_client.spark import shared_client as worker_shared_client
+
         for batch in batches:
             yield pd.Series([f"{worker_os.getpid()}:{id(worker_shared_client(options))}"] * len(batch))
 

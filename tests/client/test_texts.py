@@ -1,4 +1,5 @@
 """The client's empty-text rule is the server's: mtl_client.texts.has_content against multitask_core's."""
+
 import sys
 
 import pytest
@@ -7,11 +8,53 @@ from mtl_client.texts import has_content
 from multitask_core import text as server_text
 
 TRICKY = [
-    "", " ", "\t\n\r\x0b\x0c", "\x00", "\x00\x00", "\x1f\x7f", "\u200b", "\ufeff", "\u200b\ufeff\u200d",
-    "\u00a0", " \u00a0 ", "\u2028", "\u2029", "\u3000", "\u180e", "\u2060", "\u00ad", "\U000e0001", "\u0301",
-    "\u034f\u0301\u0308", "\ue000", "\U000f0000", "\ud800", "\u0378", "a", "a\u0301", "\u200bx", "1", ".", "$",
-    "\u00a0x\u00a0", "🙂", "\U0001f3fb", "\u20e3", "\u0600", "\u061c", "\u2800", "\u3164", "\uffa0", "ㅤ",
-    "\u115f", "\u034f", "\u17b4", "\U0001d173", "<br>", "&nbsp;", "\\n",
+    "",
+    " ",
+    "\t\n\r\x0b\x0c",
+    "\x00",
+    "\x00\x00",
+    "\x1f\x7f",
+    "\u200b",
+    "\ufeff",
+    "\u200b\ufeff\u200d",
+    "\u00a0",
+    " \u00a0 ",
+    "\u2028",
+    "\u2029",
+    "\u3000",
+    "\u180e",
+    "\u2060",
+    "\u00ad",
+    "\U000e0001",
+    "\u0301",
+    "\u034f\u0301\u0308",
+    "\ue000",
+    "\U000f0000",
+    "\ud800",
+    "\u0378",
+    "a",
+    "a\u0301",
+    "\u200bx",
+    "1",
+    ".",
+    "$",
+    "\u00a0x\u00a0",
+    "🙂",
+    "\U0001f3fb",
+    "\u20e3",
+    "\u0600",
+    "\u061c",
+    "\u2800",
+    "\u3164",
+    "\uffa0",
+    "ㅤ",
+    "\u115f",
+    "\u034f",
+    "\u17b4",
+    "\U0001d173",
+    "<br>",
+    "&nbsp;",
+    "\\n",
 ]
 
 

@@ -1,4 +1,5 @@
 """The client over gRPC with TLS (a real Triton with the test certificate), and TLS mismatches either way."""
+
 import pytest
 from click.testing import CliRunner
 
@@ -38,8 +39,9 @@ def _one_error_line(result) -> str:
 def test_tls_server_with_a_root_certificate_and_each_mismatch(local_triton, tls_material, test_config, attempts):
     server = local_triton(grpc_server_cert=tls_material["cert"], grpc_server_key=tls_material["key"])
     texts = ["The shares jumped after the earnings call", "This laptop keeps crashing"]
-    with MultiTaskClient(server.grpc_url, root_certificates=tls_material["ca"],
-                         headers={"x-caller": "tls-test"}) as client:
+    with MultiTaskClient(
+        server.grpc_url, root_certificates=tls_material["ca"], headers={"x-caller": "tls-test"}
+    ) as client:
         predictions = client.predict(texts)
     assert [p.text for p in predictions] == texts
     for task in test_config.tasks:
@@ -50,8 +52,7 @@ def test_tls_server_with_a_root_certificate_and_each_mismatch(local_triton, tls_
 
     # A plaintext client: one clear error, on the first attempt, although retries are allowed.
     attempts.clear()
-    with MultiTaskClient(server.grpc_url, retries=5, timeout_s=10) as client, \
-            pytest.raises(TlsMismatchError) as info:
+    with MultiTaskClient(server.grpc_url, retries=5, timeout_s=10) as client, pytest.raises(TlsMismatchError) as info:
         client.predict(texts)
     assert len(attempts) == 1 and not is_transient(info.value) and isinstance(info.value, ServerUnavailableError)
     assert str(info.value).startswith(f"server at {server.grpc_url} is unavailable: it serves gRPC over TLS")
@@ -60,8 +61,10 @@ def test_tls_server_with_a_root_certificate_and_each_mismatch(local_triton, tls_
 
     # TLS without the CA that signed the server's certificate: not trusted, not retried.
     attempts.clear()
-    with MultiTaskClient(server.grpc_url, ssl=True, retries=5, timeout_s=10) as client, \
-            pytest.raises(TlsMismatchError, match="certificate is not trusted"):
+    with (
+        MultiTaskClient(server.grpc_url, ssl=True, retries=5, timeout_s=10) as client,
+        pytest.raises(TlsMismatchError, match="certificate is not trusted"),
+    ):
         client.health()
     assert len(attempts) == 1
     line = _one_error_line(_cli("info", "--url", server.grpc_url, "--ssl", "--retries", 5))
@@ -69,12 +72,15 @@ def test_tls_server_with_a_root_certificate_and_each_mismatch(local_triton, tls_
 
 
 def test_tls_client_against_a_plaintext_server(triton_server, tls_material, attempts, tmp_path):
-    with MultiTaskClient(triton_server.grpc_url, root_certificates=tls_material["ca"], retries=5) as client, \
-            pytest.raises(TlsMismatchError) as info:
+    with (
+        MultiTaskClient(triton_server.grpc_url, root_certificates=tls_material["ca"], retries=5) as client,
+        pytest.raises(TlsMismatchError) as info,
+    ):
         client.health()
     assert len(attempts) == 1 and not is_transient(info.value)
-    assert str(info.value).startswith(f"server at {triton_server.grpc_url} is unavailable over TLS: it does not "
-                                      "speak TLS")
+    assert str(info.value).startswith(
+        f"server at {triton_server.grpc_url} is unavailable over TLS: it does not speak TLS"
+    )
     source = tmp_path / "in.csv"
     source.write_text("id,text\n1,hello there\n")
     for command in (["health"], ["predict", source, "--out-dir", tmp_path / "out"]):

@@ -1,4 +1,5 @@
 """Atomic per-task outputs: renamed into place only on commit, never partial, old outputs kept on failure."""
+
 import csv
 import json
 import os
@@ -17,6 +18,7 @@ def _results(topic="finance", sentiment="positive"):
     def one(task, label):
         probs = {name: (0.8 if name == label else 0.2 / (len(task.labels) - 1)) for name in task.labels}
         return TaskPrediction(label, probs[label], probs)
+
     return {"topic": one(TASKS[0], topic), "sentiment": one(TASKS[1], sentiment)}
 
 
@@ -34,7 +36,16 @@ def test_commit_writes_every_task_file_and_no_temp(tmp_path):
     with open(tmp_path / "topic_predictions.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
     assert rows[0] == ["id", "text", "label", "score", "prob_entertainment", "prob_finance", "prob_tech", "truncated"]
-    assert rows[1] == ["a1", "Stocks, rallied\nhard", "finance", "0.800000", "0.100000", "0.800000", "0.100000", "false"]
+    assert rows[1] == [
+        "a1",
+        "Stocks, rallied\nhard",
+        "finance",
+        "0.800000",
+        "0.100000",
+        "0.800000",
+        "0.100000",
+        "false",
+    ]
     assert rows[2] == ["2", "  ", "", "", "", "", "", ""]
     assert oct(os.stat(paths[0]).st_mode & 0o777) != oct(0o600)
 
@@ -53,19 +64,17 @@ def test_jsonl_records(tmp_path):
 @pytest.mark.parametrize("failure", [RuntimeError("server went away"), KeyboardInterrupt()])
 def test_failure_leaves_nothing_and_keeps_old_outputs(tmp_path, failure):
     (tmp_path / "topic_predictions.csv").write_text("old run\n")
-    with pytest.raises(type(failure)):
-        with AtomicOutputs(tmp_path, NAMES, TASKS) as out:
-            _write_two(out)
-            raise failure
+    with pytest.raises(type(failure)), AtomicOutputs(tmp_path, NAMES, TASKS) as out:
+        _write_two(out)
+        raise failure
     assert sorted(p.name for p in tmp_path.iterdir()) == ["topic_predictions.csv"]
     assert (tmp_path / "topic_predictions.csv").read_text() == "old run\n"
 
 
 def test_a_folder_it_made_is_removed_on_failure(tmp_path):
     out_dir = tmp_path / "new" / "outputs"
-    with pytest.raises(RuntimeError):
-        with AtomicOutputs(out_dir, NAMES, TASKS):
-            raise RuntimeError
+    with pytest.raises(RuntimeError), AtomicOutputs(out_dir, NAMES, TASKS):
+        raise RuntimeError
     assert not out_dir.exists()
 
 
@@ -84,13 +93,13 @@ def test_a_folder_in_the_place_of_an_output_fails_before_any_file_is_replaced(tm
     # The issue's repro: sentiment's output is a folder; topic's file was replaced all the same.
     (tmp_path / "topic_predictions.csv").write_text("old topic\n")
     (tmp_path / "sentiment_predictions.csv").mkdir()
-    with pytest.raises(OutputError) as info:
-        with AtomicOutputs(tmp_path, NAMES, TASKS) as out:
-            _write_two(out)
-            out.commit()
+    with pytest.raises(OutputError) as info, AtomicOutputs(tmp_path, NAMES, TASKS) as out:
+        _write_two(out)
+        out.commit()
     # The real output path, not a temp file.
-    assert str(info.value) == (f"cannot write {tmp_path / 'sentiment_predictions.csv'}: Is a directory; "
-                               "no output file was changed")
+    assert str(info.value) == (
+        f"cannot write {tmp_path / 'sentiment_predictions.csv'}: Is a directory; no output file was changed"
+    )
     assert info.value.path == tmp_path / "sentiment_predictions.csv"
     assert (tmp_path / "topic_predictions.csv").read_text() == "old topic\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sentiment_predictions.csv", "topic_predictions.csv"]
@@ -98,12 +107,12 @@ def test_a_folder_in_the_place_of_an_output_fails_before_any_file_is_replaced(tm
 
 def test_a_folder_appearing_before_the_commit_is_caught_at_the_commit(tmp_path):
     _old_outputs(tmp_path)
-    with pytest.raises(OutputError, match="sentiment_predictions.csv: Is a directory; no output file was changed"):
-        with AtomicOutputs(tmp_path, NAMES, TASKS) as out:
-            _write_two(out)
-            (tmp_path / "sentiment_predictions.csv").unlink()
-            (tmp_path / "sentiment_predictions.csv").mkdir()
-            out.commit()
+    expected = "sentiment_predictions.csv: Is a directory; no output file was changed"
+    with pytest.raises(OutputError, match=expected), AtomicOutputs(tmp_path, NAMES, TASKS) as out:
+        _write_two(out)
+        (tmp_path / "sentiment_predictions.csv").unlink()
+        (tmp_path / "sentiment_predictions.csv").mkdir()
+        out.commit()
     assert (tmp_path / "topic_predictions.csv").read_text() == "old topic_predictions.csv\n"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -121,17 +130,16 @@ def test_a_rename_failing_midway_puts_back_what_was_replaced(tmp_path, monkeypat
         return real_replace(source, target)
 
     monkeypatch.setattr(os, "replace", second_rename_fails)
-    with pytest.raises(OutputError) as info:
-        with AtomicOutputs(tmp_path, NAMES, TASKS) as out:
-            _write_two(out)
-            out.commit()
+    with pytest.raises(OutputError) as info, AtomicOutputs(tmp_path, NAMES, TASKS) as out:
+        _write_two(out)
+        out.commit()
     monkeypatch.undo()
-    assert str(info.value) == (f"cannot write {tmp_path / 'sentiment_predictions.csv'}: Permission denied; "
-                               "no output file was changed")
+    assert str(info.value) == (
+        f"cannot write {tmp_path / 'sentiment_predictions.csv'}: Permission denied; no output file was changed"
+    )
     # topic's file had been replaced: it is back as it was (or gone, when there was none before).
     if had_outputs:
-        assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {
-            name: f"old {name}\n" for name in NAMES.values()}
+        assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {name: f"old {name}\n" for name in NAMES.values()}
     else:
         assert list(tmp_path.iterdir()) == []
 

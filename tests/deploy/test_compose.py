@@ -3,6 +3,7 @@
 No Docker engine runs here. Debian's docker-compose 1.29 (`apt-get install docker-compose`) validates a
 file against the Compose schema without one; the parse-based checks below run everywhere.
 """
+
 from __future__ import annotations
 
 import ast
@@ -64,8 +65,9 @@ def test_docker_compose_config_accepts_the_file():
     cli = compose_cli()
     if cli is None:
         pytest.skip("no `docker compose` or `docker-compose` here (apt-get install docker-compose)")
-    result = subprocess.run(cli + ["-f", str(COMPOSE), "config"], capture_output=True, text=True, cwd=ROOT,
-                            env=clean_env(), timeout=120)
+    result = subprocess.run(
+        cli + ["-f", str(COMPOSE), "config"], capture_output=True, text=True, cwd=ROOT, env=clean_env(), timeout=120
+    )
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)
     for name, service in resolved["services"].items():
@@ -81,16 +83,24 @@ def test_docker_compose_config_rejects_a_misspelt_key(tmp_path):
         pytest.skip("no `docker compose` or `docker-compose` here (apt-get install docker-compose)")
     broken = tmp_path / "docker-compose.yml"
     broken.write_text(COMPOSE.read_text().replace("capabilities:", "capabilites:"))
-    result = subprocess.run(cli + ["-f", str(broken), "--project-directory", str(ROOT), "config"],
-                            capture_output=True, text=True, cwd=ROOT, env=clean_env(), timeout=120)
+    result = subprocess.run(
+        cli + ["-f", str(broken), "--project-directory", str(ROOT), "config"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=clean_env(),
+        timeout=120,
+    )
     assert result.returncode != 0
     assert "capabilites" in result.stderr + result.stdout
 
 
 def test_gpu_is_reserved(triton):
     devices = triton["deploy"]["resources"]["reservations"]["devices"]
-    assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", [])
-               and (d.get("count") or d.get("device_ids")) for d in devices), devices
+    assert any(
+        d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) and (d.get("count") or d.get("device_ids"))
+        for d in devices
+    ), devices
 
 
 def _bytes(size: str) -> int:
@@ -124,15 +134,25 @@ def test_every_published_port_is_on_loopback_by_default(compose):
     for name, service in compose["services"].items():
         for port in _ports(service):
             assert port.startswith("127.0.0.1:"), f"{name}: {port}"
-    published = {port.rsplit(":", 1)[1]: name
-                 for name, service in compose["services"].items() for port in _ports(service)}
-    assert published == {"8001": "triton", "8000": "http-guard", "8002": "metrics-guard", "9090": "prometheus",
-                         "3000": "grafana"}
+    published = {
+        port.rsplit(":", 1)[1]: name for name, service in compose["services"].items() for port in _ports(service)
+    }
+    assert published == {
+        "8001": "triton",
+        "8000": "http-guard",
+        "8002": "metrics-guard",
+        "9090": "prometheus",
+        "3000": "grafana",
+    }
 
 
-def test_healthcheck_asks_whether_the_model_is_ready(triton):
+def test_healthcheck_scores_one_row_rather_than_asking_ready(triton):
+    # Triton 2.51 keeps a model READY after its stub died (docs/reliability.md): only an answered inference counts.
     test = " ".join(triton["healthcheck"]["test"])
-    assert f"http://127.0.0.1:8000/v2/models/{MODEL_NAME}/ready" in test
+    assert f"http://127.0.0.1:8000/v2/models/{MODEL_NAME}/infer" in test and "/ready" not in test
+    assert "[1,1]" in test  # one row
+    assert "mtl-serve-canary" in test  # the metrics leave the probe out (docs/metrics.md)
+    compile(triton["healthcheck"]["test"][-1], "healthcheck", "exec")  # the probe is valid Python
     # Inside the container 8000 is Triton's own HTTP port: not moved by the command, exposed to the guard.
     assert "--http-port" not in " ".join(triton["command"]) and "8000" in [str(p) for p in triton["expose"]]
 
@@ -197,14 +217,22 @@ def test_the_guard_services_command_runs_on_a_bare_python(compose, tmp_path):
     command = [sys.executable, "-S", *service["command"][1:]]
     command[command.index("--listen") + 1] = f"127.0.0.1:{listen_port}"
     command[command.index("--upstream") + 1] = f"127.0.0.1:{upstream.server_address[1]}"
-    guard = subprocess.Popen(command, env={"PYTHONPATH": str(ROOT / "server"), "PATH": os.environ.get("PATH", "")},
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    guard = subprocess.Popen(
+        command,
+        env={"PYTHONPATH": str(ROOT / "server"), "PATH": os.environ.get("PATH", "")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                request = urllib.request.Request(f"http://127.0.0.1:{listen_port}/v2/models/m/infer", b'{"inputs": []}',
-                                                 {"Content-Type": "application/x-www-form-urlencoded"})
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{listen_port}/v2/models/m/infer",
+                    b'{"inputs": []}',
+                    {"Content-Type": "application/x-www-form-urlencoded"},
+                )
                 with urllib.request.urlopen(request, timeout=5) as response:
                     assert json.load(response) == {"ok": True}
                 break
@@ -261,8 +289,12 @@ def _third_party_imports(path: Path) -> set[str]:
 
 def test_image_adds_exactly_what_model_py_imports():
     version = ROOT / "model_repository" / "multitask" / "1"
-    imports = set().union(*(_third_party_imports(path) for path in
-                            [version / "model.py", *sorted((version / "multitask_core").glob("*.py"))]))
+    imports = set().union(
+        *(
+            _third_party_imports(path)
+            for path in [version / "model.py", *sorted((version / "multitask_core").glob("*.py"))]
+        )
+    )
     # triton_python_backend_utils comes with the python backend; multitask_core is the package beside model.py.
     needed = imports - {"triton_python_backend_utils", "multitask_core"}
     assert {"numpy", "torch", "tokenizers", "safetensors"} <= needed, needed

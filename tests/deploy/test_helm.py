@@ -11,6 +11,7 @@ No cluster runs here. What runs:
   from those projects' CRD schemas, and a field the model does not know counts as an error.
 A missing tool fails the tests (with the pip command to install it) rather than skipping them.
 """
+
 from __future__ import annotations
 
 import base64
@@ -49,8 +50,11 @@ def need(module: str):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        pytest.fail(f"{module} is needed to check the Helm chart ({exc}); install it: "
-                    f"{sys.executable} -m pip install {PINS[module]} (pyproject.toml [dev])", pytrace=False)
+        pytest.fail(
+            f"{module} is needed to check the Helm chart ({exc}); install it: "
+            f"{sys.executable} -m pip install {PINS[module]} (pyproject.toml [dev])",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +185,13 @@ def test_kubernetes_validate_cli_on_the_whole_release(chart, tmp_path):
     manifest = tmp_path / "release.yaml"
     rendered = render_files(chart, load_ci(CHART / "ci" / "full-values.yaml"))
     manifest.write_text("\n---\n".join(text for path, text in rendered.items() if not path.endswith(".txt")))
-    run = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "-k", KUBERNETES_VERSIONS[-1],
-                          str(manifest)], check=False, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", KUBERNETES_VERSIONS[-1], str(manifest)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     passed = re.findall(r"^INFO .* passed for resource (\S+)", run.stdout, re.MULTILINE)
     assert f"deployment/{FULLNAME}" in passed and f"horizontalpodautoscaler/{FULLNAME}" in passed
@@ -196,8 +205,11 @@ def unknown_fields(given, parsed, path="") -> list[str]:
     if isinstance(given, dict):
         if not isinstance(parsed, dict):
             return [path or "."]
-        return [p for k, v in given.items()
-                for p in ([f"{path}.{k}"] if k not in parsed else unknown_fields(v, parsed[k], f"{path}.{k}"))]
+        return [
+            p
+            for k, v in given.items()
+            for p in ([f"{path}.{k}"] if k not in parsed else unknown_fields(v, parsed[k], f"{path}.{k}"))
+        ]
     if isinstance(given, list):
         if not isinstance(parsed, list) or len(parsed) != len(given):
             return [path]
@@ -238,38 +250,41 @@ def test_crd_check_catches_unknown_fields_and_wrong_types(keda):
 # -- values.schema.json ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("values, where", [
-    ({"replicaCount": -1}, "/replicaCount"),
-    ({"replicaCount": "two"}, "/replicaCount"),
-    ({"replicas": 2}, "additional properties 'replicas'"),
-    ({"resources": {"gpu": -1}}, "/resources/gpu"),
-    ({"resources": {"gpu": "1"}}, "/resources/gpu"),
-    ({"resources": {"limits": {"memory": "lots"}}}, "/resources/limits/memory"),
-    ({"shm": {"sizeLimit": "big"}}, "/shm/sizeLimit"),
-    ({"shm": {"sizeLimit": 1024}}, "/shm/sizeLimit"),
-    ({"ports": {"grpc": 70000}}, "/ports/grpc"),
-    ({"model": {"name": "multi task"}}, "/model/name"),
-    ({"modelRepository": {"source": "nfs"}}, "/modelRepository/source"),
-    ({"modelRepository": {"source": "s3"}}, "/modelRepository/s3/uri"),
-    ({"modelRepository": {"source": "s3", "s3": {"uri": "gs://bucket/models"}}}, "/modelRepository/s3/uri"),
-    ({"modelRepository": {"source": "gcs", "gcs": {"uri": "/models"}}}, "/modelRepository/gcs/uri"),
-    ({"modelRepository": {"pvc": {"subPath": "/abs"}}}, "/modelRepository/pvc/subPath"),
-    ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
-    ({"image": {"digest": "latest"}}, "/image/digest"),
-    ({"rollingUpdate": {"maxSurge": 0}}, "/rollingUpdate/maxSurge"),
-    ({"probes": {"startup": {"failureThreshold": 0}}}, "/probes/startup/failureThreshold"),
-    ({"mallocMmapThreshold": -1}, "/mallocMmapThreshold"),
-    ({"adminKey": {"apis": ["everything"]}}, "/adminKey/apis"),
-    ({"triton": {"extraArgs": ["model-control-mode=poll"]}}, "/triton/extraArgs"),
-    ({"autoscaling": {"engine": "gpu-utilisation"}}, "/autoscaling/engine"),
-    ({"autoscaling": {"targetQueueComputeRatio": "0"}}, "/autoscaling/targetQueueComputeRatio"),
-    ({"autoscaling": {"targetQueueComputeRatio": "500m"}}, "/autoscaling/targetQueueComputeRatio"),
-    ({"autoscaling": {"targetQueueComputeRatio": 0.5}}, "/autoscaling/targetQueueComputeRatio"),
-    ({"autoscaling": {"minReplicas": 0}}, "/autoscaling/minReplicas"),
-    ({"serviceMonitor": {"interval": "15 seconds"}}, "/serviceMonitor/interval"),
-    ({"service": {"type": "ExternalName"}}, "/service/type"),
-    ({"networkPolicy": {"enabled": "yes"}}, "/networkPolicy/enabled"),
-])
+@pytest.mark.parametrize(
+    "values, where",
+    [
+        ({"replicaCount": -1}, "/replicaCount"),
+        ({"replicaCount": "two"}, "/replicaCount"),
+        ({"replicas": 2}, "additional properties 'replicas'"),
+        ({"resources": {"gpu": -1}}, "/resources/gpu"),
+        ({"resources": {"gpu": "1"}}, "/resources/gpu"),
+        ({"resources": {"limits": {"memory": "lots"}}}, "/resources/limits/memory"),
+        ({"shm": {"sizeLimit": "big"}}, "/shm/sizeLimit"),
+        ({"shm": {"sizeLimit": 1024}}, "/shm/sizeLimit"),
+        ({"ports": {"grpc": 70000}}, "/ports/grpc"),
+        ({"model": {"name": "multi task"}}, "/model/name"),
+        ({"modelRepository": {"source": "nfs"}}, "/modelRepository/source"),
+        ({"modelRepository": {"source": "s3"}}, "/modelRepository/s3/uri"),
+        ({"modelRepository": {"source": "s3", "s3": {"uri": "gs://bucket/models"}}}, "/modelRepository/s3/uri"),
+        ({"modelRepository": {"source": "gcs", "gcs": {"uri": "/models"}}}, "/modelRepository/gcs/uri"),
+        ({"modelRepository": {"pvc": {"subPath": "/abs"}}}, "/modelRepository/pvc/subPath"),
+        ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+        ({"image": {"digest": "latest"}}, "/image/digest"),
+        ({"rollingUpdate": {"maxSurge": 0}}, "/rollingUpdate/maxSurge"),
+        ({"probes": {"startup": {"failureThreshold": 0}}}, "/probes/startup/failureThreshold"),
+        ({"mallocMmapThreshold": -1}, "/mallocMmapThreshold"),
+        ({"adminKey": {"apis": ["everything"]}}, "/adminKey/apis"),
+        ({"triton": {"extraArgs": ["model-control-mode=poll"]}}, "/triton/extraArgs"),
+        ({"autoscaling": {"engine": "gpu-utilisation"}}, "/autoscaling/engine"),
+        ({"autoscaling": {"targetQueueComputeRatio": "0"}}, "/autoscaling/targetQueueComputeRatio"),
+        ({"autoscaling": {"targetQueueComputeRatio": "500m"}}, "/autoscaling/targetQueueComputeRatio"),
+        ({"autoscaling": {"targetQueueComputeRatio": 0.5}}, "/autoscaling/targetQueueComputeRatio"),
+        ({"autoscaling": {"minReplicas": 0}}, "/autoscaling/minReplicas"),
+        ({"serviceMonitor": {"interval": "15 seconds"}}, "/serviceMonitor/interval"),
+        ({"service": {"type": "ExternalName"}}, "/service/type"),
+        ({"networkPolicy": {"enabled": "yes"}}, "/networkPolicy/enabled"),
+    ],
+)
 def test_schema_rejects_bad_values(helm, chart, values, where):
     message = rejected(helm, chart, values)
     assert "schema" in message and where in message, message
@@ -313,8 +328,11 @@ def test_probes(default):
 
 
 def test_probes_follow_the_model_name_and_values(chart):
-    container = triton(objects(chart, {"model": {"name": "mtl_v2"},
-                                       "probes": {"startup": {"periodSeconds": 5, "failureThreshold": 240}}}))
+    container = triton(
+        objects(
+            chart, {"model": {"name": "mtl_v2"}, "probes": {"startup": {"periodSeconds": 5, "failureThreshold": 240}}}
+        )
+    )
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/models/mtl_v2/ready"
     assert container["startupProbe"]["httpGet"]["path"] == "/v2/models/mtl_v2/ready"
     assert container["startupProbe"]["failureThreshold"] == 240
@@ -344,11 +362,17 @@ def test_gpu_limits_tolerations_and_node_selector(chart, default, full):
     assert "nodeSelector" not in pod_spec(default)
     assert pod_spec(full)["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod_spec(full)["runtimeClassName"] == "nvidia"
-    two = objects(chart, {"resources": {"gpu": 2}, "tolerations": [{"key": "dedicated", "operator": "Equal",
-                                                                    "value": "inference", "effect": "NoSchedule"}]})
+    two = objects(
+        chart,
+        {
+            "resources": {"gpu": 2},
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "inference", "effect": "NoSchedule"}],
+        },
+    )
     assert triton(two)["resources"]["limits"]["nvidia.com/gpu"] == 2
-    assert pod_spec(two)["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "inference",
-                                             "effect": "NoSchedule"}]
+    assert pod_spec(two)["tolerations"] == [
+        {"key": "dedicated", "operator": "Equal", "value": "inference", "effect": "NoSchedule"}
+    ]
     cpu_only = triton(objects(chart, {"resources": {"gpu": 0}}))["resources"]
     assert cpu_only["limits"] == {"memory": "12Gi"}
     # A null removes a default in Helm; with no GPU either, no limits at all.
@@ -385,6 +409,7 @@ def test_malloc_threshold_is_the_one_docs_reliability_md_asks_for(chart, default
     asked = {int(n) for n in re.findall(r"MALLOC_MMAP_THRESHOLD_=(\d+)", doc)}
     assert len(asked) == 1, asked
     from mtl_serve.local import LocalTriton
+
     assert LocalTriton.malloc_mmap_threshold in asked  # what mtl-serve sets
     assert int(env(triton(default))["MALLOC_MMAP_THRESHOLD_"]["value"]) in asked
     assert "MALLOC_MMAP_THRESHOLD_" not in env(triton(objects(chart, {"mallocMmapThreshold": 0})))
@@ -407,6 +432,7 @@ def test_triton_flags_for_a_server(default):
 
 def test_restricted_apis_need_the_admin_key_from_a_secret(chart, default):
     from mtl_serve.local import ADMIN_HEADER, RESTRICTED_APIS
+
     flags = args(triton(default))
     expected = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}=$(MTL_ADMIN_KEY)"
     assert flags["--http-restricted-api"] == expected
@@ -427,8 +453,15 @@ def test_restricted_apis_need_the_admin_key_from_a_secret(chart, default):
 
 
 def test_extra_args_and_env_are_passed_on(chart):
-    container = triton(objects(chart, {"triton": {"extraArgs": ["--log-format=ISO8601"]},
-                                       "extraEnv": [{"name": "CUDA_MODULE_LOADING", "value": "LAZY"}]}))
+    container = triton(
+        objects(
+            chart,
+            {
+                "triton": {"extraArgs": ["--log-format=ISO8601"]},
+                "extraEnv": [{"name": "CUDA_MODULE_LOADING", "value": "LAZY"}],
+            },
+        )
+    )
     assert container["args"][-1] == "--log-format=ISO8601"
     assert env(container)["CUDA_MODULE_LOADING"]["value"] == "LAZY"
 
@@ -438,8 +471,10 @@ def test_extra_args_and_env_are_passed_on(chart):
 
 def test_pvc_repository_created_by_default(default):
     claim = one(default, "PersistentVolumeClaim")
-    assert volumes(default)["models"]["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"],
-                                                                   "readOnly": True}
+    assert volumes(default)["models"]["persistentVolumeClaim"] == {
+        "claimName": claim["metadata"]["name"],
+        "readOnly": True,
+    }
     assert claim["spec"]["resources"]["requests"]["storage"] == "2Gi"
     assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
 
@@ -468,8 +503,13 @@ def test_s3_repository_with_credentials_from_a_secret(chart):
 def test_s3_without_a_secret_passes_no_keys(chart):
     """IAM roles for service accounts: the role comes from the ServiceAccount's annotation."""
     role = {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/mtl-models"}
-    docs = objects(chart, {"modelRepository": {"source": "s3", "s3": {"uri": "s3://https://minio.local:9000/models/mtl"}},
-                           "serviceAccount": {"annotations": role}})
+    docs = objects(
+        chart,
+        {
+            "modelRepository": {"source": "s3", "s3": {"uri": "s3://https://minio.local:9000/models/mtl"}},
+            "serviceAccount": {"annotations": role},
+        },
+    )
     assert args(triton(docs))["--model-repository"] == "s3://https://minio.local:9000/models/mtl"
     assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env(triton(docs)))
     assert one(docs, "ServiceAccount")["metadata"]["annotations"] == role
@@ -516,8 +556,9 @@ def test_headless_service_off_by_default_on_for_grpc_round_robin(default, full):
 def test_pod_disruption_budget(chart, default):
     pdb = one(default, "PodDisruptionBudget")
     assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
-    assert labels_match(pdb["spec"]["selector"]["matchLabels"],
-                        one(default, "Deployment")["spec"]["template"]["metadata"]["labels"])
+    assert labels_match(
+        pdb["spec"]["selector"]["matchLabels"], one(default, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    )
     min_one = one(objects(chart, load_ci(CHART / "ci" / "pvc-existing-values.yaml")), "PodDisruptionBudget")
     assert min_one["spec"]["minAvailable"] == 1 and "maxUnavailable" not in min_one["spec"]
     assert not find(objects(chart, {"podDisruptionBudget": {"enabled": False}}), "PodDisruptionBudget")
@@ -533,8 +574,9 @@ def test_pod_disruption_budget_needs_exactly_one_bound(helm, chart):
 def test_network_policy_optional(default, full, chart):
     assert not find(default, "NetworkPolicy")
     policy = one(full, "NetworkPolicy")["spec"]
-    assert labels_match(policy["podSelector"]["matchLabels"],
-                        one(full, "Deployment")["spec"]["template"]["metadata"]["labels"])
+    assert labels_match(
+        policy["podSelector"]["matchLabels"], one(full, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    )
     inference, scrape = policy["ingress"]
     client_label = {f"{FULLNAME}-client": "true"}
     assert {"podSelector": {"matchLabels": client_label}} in inference["from"]
@@ -556,8 +598,11 @@ def test_service_monitor_optional_and_scrapes_the_metrics_port(default, full):
     monitor = one(full, "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
-    selected = [s for s in find(full, "Service") if labels_match(monitor["spec"]["selector"]["matchLabels"],
-                                                                  s["metadata"]["labels"])]
+    selected = [
+        s
+        for s in find(full, "Service")
+        if labels_match(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
+    ]
     assert [s["metadata"]["name"] for s in selected] == [FULLNAME]
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
@@ -571,8 +616,10 @@ RATIO_METRICS = ("nv_inference_queue_duration_us", "nv_inference_compute_infer_d
 
 def assert_queue_compute_ratio(query: str, selector: str, model: str = MODEL) -> None:
     queue, compute = RATIO_METRICS
-    pattern = (rf"^sum(?: by \((?P<by>[^)]*)\))?\(rate\({queue}\{{(?P<s1>[^}}]*)\}}\[1m\]\)\) / "
-               rf"clamp_min\(sum(?: by \((?P<by2>[^)]*)\))?\(rate\({compute}\{{(?P<s2>[^}}]*)\}}\[1m\]\)\), 1\)$")
+    pattern = (
+        rf"^sum(?: by \((?P<by>[^)]*)\))?\(rate\({queue}\{{(?P<s1>[^}}]*)\}}\[1m\]\)\) / "
+        rf"clamp_min\(sum(?: by \((?P<by2>[^)]*)\))?\(rate\({compute}\{{(?P<s2>[^}}]*)\}}\[1m\]\)\), 1\)$"
+    )
     match = re.match(pattern, query)
     assert match, query
     assert match["s1"] == match["s2"] == selector
@@ -591,8 +638,11 @@ def test_hpa_on_the_prometheus_adapter_metric(full):
     hpa = one(full, "HorizontalPodAutoscaler")
     deployment = one(full, "Deployment")
     assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                             "name": deployment["metadata"]["name"]}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
     (metric,) = hpa["spec"]["metrics"]
     assert metric["type"] == "Pods"
@@ -627,8 +677,9 @@ def test_keda_scaled_object_with_a_prometheus_trigger(keda):
     assert trigger["metadata"]["threshold"] == "1"
     assert float(trigger["metadata"]["threshold"]) > 0
     assert trigger["authenticationRef"] == {"name": "prometheus-auth"}
-    assert_queue_compute_ratio(trigger["metadata"]["query"],
-                               f'namespace="{NAMESPACE}",service="{FULLNAME}",model="{MODEL}"')
+    assert_queue_compute_ratio(
+        trigger["metadata"]["query"], f'namespace="{NAMESPACE}",service="{FULLNAME}",model="{MODEL}"'
+    )
 
 
 def test_autoscaling_follows_model_name_and_target(chart):
@@ -637,8 +688,9 @@ def test_autoscaling_follows_model_name_and_target(chart):
     values["autoscaling"]["targetQueueComputeRatio"] = "1.25"
     trigger = one(objects(chart, values), "ScaledObject")["spec"]["triggers"][0]
     assert trigger["metadata"]["threshold"] == "1.25"
-    assert_queue_compute_ratio(trigger["metadata"]["query"],
-                               f'namespace="{NAMESPACE}",service="{FULLNAME}",model="mtl_v2"', model="mtl_v2")
+    assert_queue_compute_ratio(
+        trigger["metadata"]["query"], f'namespace="{NAMESPACE}",service="{FULLNAME}",model="mtl_v2"', model="mtl_v2"
+    )
 
 
 def test_autoscaling_min_above_max_is_refused(helm, chart):
@@ -666,8 +718,14 @@ def test_grace_period_covers_pre_stop_and_triton_exit_timeout(default):
 def test_too_short_grace_period_fails_the_render(helm, chart):
     message = rejected(helm, chart, {"terminationGracePeriodSeconds": 30, "triton": {"exitTimeoutSeconds": 30}})
     assert "terminationGracePeriodSeconds (30) must be at least" in message and "= 45" in message
-    ok = objects(chart, {"terminationGracePeriodSeconds": 95, "triton": {"exitTimeoutSeconds": 80},
-                         "lifecycle": {"preStopSleepSeconds": 10}})
+    ok = objects(
+        chart,
+        {
+            "terminationGracePeriodSeconds": 95,
+            "triton": {"exitTimeoutSeconds": 80},
+            "lifecycle": {"preStopSleepSeconds": 10},
+        },
+    )
     assert pod_spec(ok)["terminationGracePeriodSeconds"] == 95
     assert args(triton(ok))["--exit-timeout-secs"] == "80"
 

@@ -3,6 +3,7 @@
 
 No Grafana runs here (it is not in Debian's archive); the dashboard's queries are checked through Prometheus.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,21 @@ COMPOSE = ROOT / "docker-compose.yml"
 TEST_WINDOW = "60s"
 TEST_FOR = "2s"
 RATE_INTERVAL = "30s"  # what Grafana's $__rate_interval stands for in the live checks
-PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
-                "offset", "inf", "nan"}
+PROMQL_WORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
+}
 SENTENCES = [
     "The central bank raised interest rates again to fight inflation",
     "This new phone's battery dies before lunch, what a waste of money",
@@ -76,7 +90,7 @@ def dashboard_queries(tasks: list[str]) -> list[tuple[str, str]]:
     for panel in dashboard_panels():
         for target in panel["targets"]:
             expr = target["expr"].replace("$__rate_interval", RATE_INTERVAL)
-            for task in (tasks if "$task" in expr else [None]):
+            for task in tasks if "$task" in expr else [None]:
                 filled = expr.replace("$task", task) if task else expr
                 assert "$" not in filled, f"{panel['title']}: unknown variable in {filled}"
                 queries.append((panel["title"], filled))
@@ -91,7 +105,7 @@ def metric_names(expr: str) -> set[str]:
     expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
     names = set()
     for match in re.finditer(r"(?<![\w.])[A-Za-z_:][A-Za-z0-9_:]*", expr):
-        if expr[match.end():].lstrip().startswith("(") or match.group(0).lower() in PROMQL_WORDS:
+        if expr[match.end() :].lstrip().startswith("(") or match.group(0).lower() in PROMQL_WORDS:
             continue  # a function or an operator
         names.add(match.group(0))
     return names
@@ -108,8 +122,13 @@ def test_promtool_accepts_the_rules():
     result = promtool("check", "rules", str(RULES))
     assert result.returncode == 0, result.stdout + result.stderr
     names = [rule.get("alert") for rule in rules() if "alert" in rule]
-    assert names == ["MtlLabelShareDrift", "MtlMedianConfidenceDropped", "MtlQueueExceedsCompute", "MtlModelNotReady",
-                     "MtlModelNotServing"]
+    assert names == [
+        "MtlLabelShareDrift",
+        "MtlMedianConfidenceDropped",
+        "MtlQueueExceedsCompute",
+        "MtlModelNotReady",
+        "MtlModelNotServing",
+    ]
 
 
 def test_each_alert_fires_and_stays_quiet_as_its_rule_tests_say():
@@ -160,11 +179,20 @@ def test_dashboard_panels_use_the_provisioned_data_source():
 
 def test_dashboard_covers_what_the_issue_asks_for():
     exprs = " ".join(t["expr"] for p in dashboard_panels() for t in p["targets"])
-    for needed in ("nv_inference_count", 'nv_inference_request_summary_us{quantile="0.5"}',
-                   'nv_inference_request_summary_us{quantile="0.99"}', "nv_inference_queue_duration_us",
-                   "nv_inference_compute_infer_duration_us", "mtl_predictions_total", "mtl_expected_label_share",
-                   "mtl_top_probability_bucket", "mtl_truncated_rows_total", "nv_inference_request_failure",
-                   "mtl_rejected_requests_total", "mtl:label_share_tvd:1h"):
+    for needed in (
+        "nv_inference_count",
+        'nv_inference_request_summary_us{quantile="0.5"}',
+        'nv_inference_request_summary_us{quantile="0.99"}',
+        "nv_inference_queue_duration_us",
+        "nv_inference_compute_infer_duration_us",
+        "mtl_predictions_total",
+        "mtl_expected_label_share",
+        "mtl_top_probability_bucket",
+        "mtl_truncated_rows_total",
+        "nv_inference_request_failure",
+        "mtl_rejected_requests_total",
+        "mtl:label_share_tvd:1h",
+    ):
         assert needed in exprs, needed
 
 
@@ -199,8 +227,10 @@ def test_prometheus_image_matches_the_promtool_that_checks_the_rules():
 
 
 def test_metric_names_reads_names_not_functions_or_labels():
-    expr = ('sum by (task, le) (rate(mtl_top_probability_bucket{task="a b"}[5m])) / on (task) group_left '
-            'max by (task) (mtl:label_share_tvd:1h) > bool 0.5 and up{job="triton"} offset 5m')
+    expr = (
+        'sum by (task, le) (rate(mtl_top_probability_bucket{task="a b"}[5m])) / on (task) group_left '
+        'max by (task) (mtl:label_share_tvd:1h) > bool 0.5 and up{job="triton"} offset 5m'
+    )
     assert metric_names(expr) == {"mtl_top_probability_bucket", "mtl:label_share_tvd:1h", "up"}
 
 
@@ -222,10 +252,18 @@ class Prometheus:
         self.log = folder / "prometheus.log"
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
-                [tool("prometheus"), f"--config.file={folder / 'prometheus.yml'}",
-                 f"--storage.tsdb.path={folder / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}",
-                 "--log.level=warn"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                [
+                    tool("prometheus"),
+                    f"--config.file={folder / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={folder / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                    "--log.level=warn",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 60
         while not self._ready():
             assert self.process.poll() is None, self.log.read_text()
@@ -324,8 +362,14 @@ def test_prometheus_evaluates_every_dashboard_query_and_rule_against_triton(loca
         with pytest.raises(grpcclient.InferenceServerException):
             send(client, model, ["   "])
         scored = len(SENTENCES) + 2 + 2 + 3
-        wait_until(lambda: (r := prometheus.query("sum(mtl_request_rows_sum)")["data"]["result"])
-                   and float(r[0]["value"][1]) >= scored, 60, "Prometheus to scrape the scored rows")
+        wait_until(
+            lambda: (
+                (r := prometheus.query("sum(mtl_request_rows_sum)")["data"]["result"])
+                and float(r[0]["value"][1]) >= scored
+            ),
+            60,
+            "Prometheus to scrape the scored rows",
+        )
         time.sleep(3)  # a few more scrapes and rule evaluations, so every rate has two samples of the traffic
 
         scraped = scraped_names(server.metrics_url)

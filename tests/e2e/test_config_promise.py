@@ -3,6 +3,7 @@
 No code changes: the build, the served model, the server and the client all take the new task and the new
 limit from the config.
 """
+
 import csv
 
 import pytest
@@ -14,8 +15,11 @@ from mtl_client import MultiTaskClient
 from mtl_client.cli import main as client_main
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-URGENCY = {"name": "urgency", "labels": ["routine", "urgent"],
-           "descriptions": {"routine": "can wait, no hurry", "urgent": "needs action right now, an emergency"}}
+URGENCY = {
+    "name": "urgency",
+    "labels": ["routine", "urgent"],
+    "descriptions": {"routine": "can wait, no hurry", "urgent": "needs action right now, an emergency"},
+}
 MAX_TOKENS = 64
 
 
@@ -48,8 +52,10 @@ def test_a_third_task_and_a_new_token_limit_reach_the_client(third_task_reposito
     source = tmp_path / "in.csv"
     with source.open("w", newline="") as handle:
         csv.writer(handle).writerows([["id", "text"], ["a", "Please call me back about the invoice"], ["b", long_text]])
-    result = CliRunner().invoke(client_main, ["predict", str(source), "--url", server.grpc_url, "--model", "triage",
-                                              "--out-dir", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        client_main,
+        ["predict", str(source), "--url", server.grpc_url, "--model", "triage", "--out-dir", str(tmp_path / "out")],
+    )
     assert result.exit_code == 0, result.output
     files = {path.name for path in (tmp_path / "out").iterdir()}
     assert files == {f"{name}_predictions.csv" for name in contract.task_names}

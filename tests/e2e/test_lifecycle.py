@@ -1,4 +1,5 @@
 """mtl-serve as a user runs it, and the demo command."""
+
 import csv
 import os
 import signal
@@ -30,12 +31,26 @@ def test_sigterm_stops_triton_and_its_stubs(built_repository, tmp_path):
     log = tmp_path / "serve.out"
     with log.open("w") as out:
         serve = subprocess.Popen(
-            [str(BIN / "mtl-serve"), "--model-repository", str(built_repository), "--grpc-port", ports[0],
-             "--http-port", ports[1], "--metrics-port", ports[2], "--log-file", str(tmp_path / "triton.log")],
-            stdout=out, stderr=subprocess.STDOUT,
+            [
+                str(BIN / "mtl-serve"),
+                "--model-repository",
+                str(built_repository),
+                "--grpc-port",
+                ports[0],
+                "--http-port",
+                ports[1],
+                "--metrics-port",
+                ports[2],
+                "--log-file",
+                str(tmp_path / "triton.log"),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     try:
-        assert _wait_for(lambda: "(Ctrl-C to stop)" in log.read_text() or serve.poll() is not None, 180), log.read_text()
+        assert _wait_for(lambda: "(Ctrl-C to stop)" in log.read_text() or serve.poll() is not None, 180), (
+            log.read_text()
+        )
         assert serve.poll() is None, log.read_text()
         triton = [pid for pid in _children(serve.pid)]
         assert triton, "no tritonserver child found"
@@ -55,9 +70,22 @@ def test_sigterm_stops_triton_and_its_stubs(built_repository, tmp_path):
 def test_demo_writes_one_row_per_input_row(built_repository, tmp_path):
     out_dir = tmp_path / "outputs"
     result = subprocess.run(
-        [sys.executable, "-m", "mtl_serve.demo", "--skip-build", "--model-repository", str(built_repository),
-         "--input", str(ROOT / "data" / "sample.csv"), "--out-dir", str(out_dir)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "mtl_serve.demo",
+            "--skip-build",
+            "--model-repository",
+            str(built_repository),
+            "--input",
+            str(ROOT / "data" / "sample.csv"),
+            "--out-dir",
+            str(out_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     with (ROOT / "data" / "sample.csv").open(newline="", encoding="utf-8-sig") as handle:

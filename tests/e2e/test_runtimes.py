@@ -1,4 +1,5 @@
 """The real server with each runtime, on the same exported model: torch float32, ONNX Runtime, OpenVINO int8."""
+
 import shutil
 
 import numpy as np
@@ -36,8 +37,9 @@ def _scores(url, model, texts):
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
-def test_each_runtime_serves_the_float32_labels(built_repository, test_config, triton_server, local_triton, tmp_path,
-                                                validation_texts, runtime):
+def test_each_runtime_serves_the_float32_labels(
+    built_repository, test_config, triton_server, local_triton, tmp_path, validation_texts, runtime
+):
     model = test_config.serving.model_name
     server = local_triton(repository=_with_runtime(built_repository, test_config, runtime, tmp_path))
     log = server.log_text()

@@ -4,6 +4,7 @@ Every test here sends traffic to 127.0.0.1 only. Tests that kill or restart serv
 (`local_triton`); the non-destructive ones share `rel_server`, started once for the session. The canary
 inferences their watchdogs send count among the inputs tried.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -52,5 +53,3 @@ def local_triton(local_triton):
     yield start
     for server in started:
         COUNTS.canaries(server)
-
-

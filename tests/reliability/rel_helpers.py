@@ -1,4 +1,5 @@
 """Helpers of the reliability suite: the counts it reports, test data, subprocess runs, memory of a server."""
+
 from __future__ import annotations
 
 import csv
@@ -17,8 +18,37 @@ from mtl_serve.procs import SHM_FOLDER
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
 MIB = 1024 * 1024
-WORDS = ("the market rallied after strong quarterly earnings from the bank while the new phone update "
-         "drained batteries and fans cheered the band's joyful album at a packed concert yesterday").split()
+WORDS = [
+    "the",
+    "market",
+    "rallied",
+    "after",
+    "strong",
+    "quarterly",
+    "earnings",
+    "from",
+    "the",
+    "bank",
+    "while",
+    "the",
+    "new",
+    "phone",
+    "update",
+    "drained",
+    "batteries",
+    "and",
+    "fans",
+    "cheered",
+    "the",
+    "band's",
+    "joyful",
+    "album",
+    "at",
+    "a",
+    "packed",
+    "concert",
+    "yesterday",
+]
 
 
 @dataclass

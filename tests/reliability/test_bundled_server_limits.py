@@ -7,6 +7,7 @@ shape it answers 200 although no such tensor can exist, and gRPC requests whose 
 newer server handles any of them, its test fails: then that part of the guards may be dropped
 (docs/reliability.md).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,10 @@ DEEP_JSON = ("application/json", b'{"inputs":' + b"[" * 200_000 + b"]" * 200_000
 @pytest.mark.parametrize("content_type, body", [FORM_BODY, DEEP_JSON], ids=["5MB-form-body", "deep-json"])
 def test_unguarded_triton_dies_on(local_triton, test_config, content_type, body):
     server = local_triton(http_guard=False, grpc_guard=False, watchdog=False, exit_timeout_s=2)
-    head = (f"POST /v2/models/{test_config.serving.model_name}/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Content-Length: {len(body)}\r\nContent-Type: {content_type}\r\nConnection: close\r\n\r\n")
+    head = (
+        f"POST /v2/models/{test_config.serving.model_name}/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Length: {len(body)}\r\nContent-Type: {content_type}\r\nConnection: close\r\n\r\n"
+    )
     COUNTS.inputs += 1
     COUNTS.faults += 1
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as sock:
@@ -54,8 +57,9 @@ def unguarded(built_repository, tmp_path_factory):
     from mtl_serve import LocalTriton
 
     log = tmp_path_factory.mktemp("unguarded") / "tritonserver.log"
-    with LocalTriton(built_repository, 0, 0, 0, log_file=log, http_guard=False, grpc_guard=False, watchdog=False,
-                     exit_timeout_s=2) as server:
+    with LocalTriton(
+        built_repository, 0, 0, 0, log_file=log, http_guard=False, grpc_guard=False, watchdog=False, exit_timeout_s=2
+    ) as server:
         yield server
 
 
@@ -84,15 +88,22 @@ RESET = {
 @pytest.mark.parametrize("case", list(RESET))
 def test_unguarded_triton_resets_without_an_answer(unguarded, case):
     assert _exchange(unguarded, RESET[case]) == b"", "Triton answered: the guard's limit may be relaxed"
-    assert _exchange(unguarded, b"GET /v2/health/ready HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n") \
-        .startswith(b"HTTP/1.1 200")
+    assert _exchange(unguarded, b"GET /v2/health/ready HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").startswith(
+        b"HTTP/1.1 200"
+    )
 
 
 def test_unguarded_triton_answers_an_impossible_shape(unguarded, test_config):
     body = json.dumps({"inputs": [{"name": "TEXT", "shape": [2**63, 1], "datatype": "BYTES", "data": ["a"]}]}).encode()
-    answer = _exchange(unguarded, (f"POST /v2/models/{test_config.serving.model_name}/infer HTTP/1.1\r\nHost: h\r\n"
-                                   "Content-Type: application/json\r\nConnection: close\r\n"
-                                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+    answer = _exchange(
+        unguarded,
+        (
+            f"POST /v2/models/{test_config.serving.model_name}/infer HTTP/1.1\r\nHost: h\r\n"
+            "Content-Type: application/json\r\nConnection: close\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        + body,
+    )
     assert answer.startswith(b"HTTP/1.1 200"), "Triton refused it: the guard's shape check may be dropped"
 
 
@@ -105,9 +116,11 @@ def test_unguarded_triton_keeps_the_memory_of_large_grpc_requests(unguarded, tes
     request.raw_input_contents.append((struct.pack("<I", MIB) + b"a" * MIB) * 256)
     before = server_memory(unguarded)
     with grpc.insecure_channel(unguarded.grpc_url, options=[("grpc.max_send_message_length", -1)]) as channel:
-        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
-                                    request_serializer=service_pb2.ModelInferRequest.SerializeToString,
-                                    response_deserializer=service_pb2.ModelInferResponse.FromString)
+        infer = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+            response_deserializer=service_pb2.ModelInferResponse.FromString,
+        )
         for _ in range(2):
             COUNTS.inputs += 1
             with pytest.raises(grpc.RpcError) as refused:
@@ -115,6 +128,7 @@ def test_unguarded_triton_keeps_the_memory_of_large_grpc_requests(unguarded, tes
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     time.sleep(3)
     after = server_memory(unguarded)
-    COUNTS.notes.append(f"unguarded Triton, two refused 256 MiB gRPC requests: {mib(before)} before, "
-                        f"{mib(after)} after")
+    COUNTS.notes.append(
+        f"unguarded Triton, two refused 256 MiB gRPC requests: {mib(before)} before, {mib(after)} after"
+    )
     assert after["tritonserver"] - before["tritonserver"] > 256 * MIB, (mib(before), mib(after))

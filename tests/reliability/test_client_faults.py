@@ -3,6 +3,7 @@
 No run may leave a partial output file; a run that reports success has every input row exactly once,
 in input order. Servers that are killed or restarted are this module's own (the `local_triton` fixture).
 """
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,23 @@ def _out_dir(tmp_path: Path, output_files: dict[str, str]) -> Path:
 
 def _predict(url: str, csv_path: Path, out: Path, *extra: str) -> subprocess.Popen:
     COUNTS.inputs += 1
-    return subprocess.Popen([str(BIN / "mtl-client"), "predict", str(csv_path), "--url", url, "--out-dir", str(out),
-                             "--batch-size", "32", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            str(BIN / "mtl-client"),
+            "predict",
+            str(csv_path),
+            "--url",
+            url,
+            "--out-dir",
+            str(out),
+            "--batch-size",
+            "32",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_rows_flowing(out: Path, cli: subprocess.Popen, timeout_s: float = 60) -> None:
@@ -102,8 +118,7 @@ def test_killing_the_server_mid_run_fails_the_cli_cleanly(local_triton, input_cs
 
 
 @pytest.mark.parametrize("how", ["crash", "graceful"])
-def test_restarting_the_server_mid_run_with_retries_loses_no_row(local_triton, input_csv, output_files, tmp_path,
-                                                                  how):
+def test_restarting_the_server_mid_run_with_retries_loses_no_row(local_triton, input_csv, output_files, tmp_path, how):
     """`crash`: SIGKILL of Triton's process group; `graceful`: LocalTriton.stop() (SIGTERM, drain). Same ports."""
     csv_path, rows = input_csv
     out = tmp_path / "out"
@@ -140,8 +155,9 @@ def test_a_stub_killed_mid_run_is_repaired_and_the_run_completes(local_triton, o
     _check_complete(out, rows, output_files)
 
 
-def test_triton_answering_stub_not_healthy_is_retried_until_repaired(local_triton, input_csv, output_files,
-                                                                     test_config, tmp_path):
+def test_triton_answering_stub_not_healthy_is_retried_until_repaired(
+    local_triton, input_csv, output_files, test_config, tmp_path
+):
     """Triton's own answer to a dead stub, INTERNAL "Stub process '...' is not healthy." (what the CLI failed on
     before), reaches the client for certain here: no gRPC guard (which would make it UNAVAILABLE), no watchdog
     (which might restart Triton first). The test makes the watchdog's repair itself once the answer is seen."""
@@ -158,8 +174,9 @@ def test_triton_answering_stub_not_healthy_is_retried_until_repaired(local_trito
     time.sleep(2)  # the CLI's requests meanwhile get the same answer, and retry
     assert cli.poll() is None, cli.communicate()
     server.stop()
-    local_triton(grpc_port=server.grpc_port, http_port=server.http_port, metrics_port=server.metrics_port,
-                 grpc_guard=False)
+    local_triton(
+        grpc_port=server.grpc_port, http_port=server.http_port, metrics_port=server.metrics_port, grpc_guard=False
+    )
     stdout, stderr = cli.communicate(timeout=600)
     assert cli.returncode == 0, (stdout, stderr)
     _check_complete(out, rows, output_files)

@@ -5,6 +5,7 @@ Raw payloads are built by hand: gRPC ModelInferRequest with raw_input_contents, 
 extension (JSON header + Inference-Header-Content-Length + raw bytes). HTTP goes through the guard
 in front of Triton (mtl_serve.guard), as every client's HTTP does.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -39,8 +40,13 @@ class Served(NamedTuple):
 @pytest.fixture(scope="module")
 def served(test_config) -> Served:
     task = test_config.tasks[0]
-    return Served(test_config.serving.model_name, test_config.serving.max_batch_size, task.name, len(task.labels),
-                  test_config.serving.instance_count)
+    return Served(
+        test_config.serving.model_name,
+        test_config.serving.max_batch_size,
+        task.name,
+        len(task.labels),
+        test_config.serving.instance_count,
+    )
 
 
 def infer_path(model: str) -> str:
@@ -84,7 +90,9 @@ def grpc_infer(stub, model: str, raw: list[bytes], shape, datatype="BYTES", name
         response = stub.ModelInfer(request, timeout=120)
     except grpc.RpcError as error:
         return error.code(), error.details()
-    return grpc.StatusCode.OK, {o.name: (list(o.shape), raw) for o, raw in zip(response.outputs, response.raw_output_contents)}
+    return grpc.StatusCode.OK, {
+        o.name: (list(o.shape), raw) for o, raw in zip(response.outputs, response.raw_output_contents)
+    }
 
 
 def http_post(server, body: bytes, headers: dict[str, str], path: str):
@@ -101,23 +109,54 @@ def http_post(server, body: bytes, headers: dict[str, str], path: str):
             return error.code, {"error": payload.decode(errors="replace")}
 
 
-def http_json(server, model: str, texts=None, shape=None, datatype="BYTES", name="TEXT", outputs=None,
-              content_type="application/json"):
-    body = {"inputs": [{"name": name, "shape": shape if shape is not None else [len(texts), 1],
-                        "datatype": datatype, "data": texts}]}
+def http_json(
+    server,
+    model: str,
+    texts=None,
+    shape=None,
+    datatype="BYTES",
+    name="TEXT",
+    outputs=None,
+    content_type="application/json",
+):
+    body = {
+        "inputs": [
+            {
+                "name": name,
+                "shape": shape if shape is not None else [len(texts), 1],
+                "datatype": datatype,
+                "data": texts,
+            }
+        ]
+    }
     if outputs:
         body["outputs"] = [{"name": o} for o in outputs]
     return http_post(server, json.dumps(body).encode(), {"Content-Type": content_type}, infer_path(model))
 
 
-def http_binary(server, served: Served, raw: bytes, shape, header_length: int | None = None,
-                binary_size: int | None = None):
-    header = json.dumps({"inputs": [{"name": "TEXT", "shape": shape, "datatype": "BYTES",
-                                     "parameters": {"binary_data_size": len(raw) if binary_size is None else binary_size}}],
-                         "outputs": [{"name": served.task, "parameters": {"binary_data": False}}]}).encode()
+def http_binary(
+    server, served: Served, raw: bytes, shape, header_length: int | None = None, binary_size: int | None = None
+):
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "TEXT",
+                    "shape": shape,
+                    "datatype": "BYTES",
+                    "parameters": {"binary_data_size": len(raw) if binary_size is None else binary_size},
+                }
+            ],
+            "outputs": [{"name": served.task, "parameters": {"binary_data": False}}],
+        }
+    ).encode()
     length = len(header) if header_length is None else header_length
-    return http_post(server, header + raw, {"Inference-Header-Content-Length": str(length),
-                                            "Content-Type": "application/octet-stream"}, infer_path(served.model))
+    return http_post(
+        server,
+        header + raw,
+        {"Inference-Header-Content-Length": str(length), "Content-Type": "application/octet-stream"},
+        infer_path(served.model),
+    )
 
 
 def assert_serving(server, stub, served: Served) -> None:
@@ -138,29 +177,56 @@ def grpc_cases(max_batch: int) -> dict:
         "wrong shape": (dict(raw=[elements(b"a", b"b")], shape=[1, 2]), "INVALID_ARGUMENT", "unexpected shape"),
         "no batch dimension": (dict(raw=[elements(b"a", b"b")], shape=[2]), "INVALID_ARGUMENT", "unexpected shape"),
         "empty batch": (dict(raw=[b""], shape=[0, 1]), "INVALID_ARGUMENT", ""),
-        "batch above max_batch_size": (dict(raw=[elements(*[b"x"] * (max_batch + 1))], shape=[max_batch + 1, 1]),
-                                       "INVALID_ARGUMENT", f"batch-size must be <= {max_batch}"),
-        "invalid UTF-8 in row 1": (dict(raw=[elements(b"fine", b"\xc3\x28 bad", b"fine")], shape=[3, 1]),
-                                   "INVALID_ARGUMENT", "row 1: invalid UTF-8"),
+        "batch above max_batch_size": (
+            dict(raw=[elements(*[b"x"] * (max_batch + 1))], shape=[max_batch + 1, 1]),
+            "INVALID_ARGUMENT",
+            f"batch-size must be <= {max_batch}",
+        ),
+        "invalid UTF-8 in row 1": (
+            dict(raw=[elements(b"fine", b"\xc3\x28 bad", b"fine")], shape=[3, 1]),
+            "INVALID_ARGUMENT",
+            "row 1: invalid UTF-8",
+        ),
         "empty text": (dict(raw=[elements(b"   ")], shape=[1, 1]), "INVALID_ARGUMENT", "row 0: empty text"),
-        "length prefix past the end": (dict(raw=[struct.pack("<I", 500) + b"hello"], shape=[1, 1]),
-                                       "INVALID_ARGUMENT", "incomplete string data"),
-        "length prefix 0xFFFFFFFF": (dict(raw=[struct.pack("<I", 0xFFFFFFFF) + b"hello"], shape=[1, 1]),
-                                     "INVALID_ARGUMENT", "incomplete string data"),
+        "length prefix past the end": (
+            dict(raw=[struct.pack("<I", 500) + b"hello"], shape=[1, 1]),
+            "INVALID_ARGUMENT",
+            "incomplete string data",
+        ),
+        "length prefix 0xFFFFFFFF": (
+            dict(raw=[struct.pack("<I", 0xFFFFFFFF) + b"hello"], shape=[1, 1]),
+            "INVALID_ARGUMENT",
+            "incomplete string data",
+        ),
         "truncated length prefix": (dict(raw=[b"\x05\x00"], shape=[1, 1]), "INVALID_ARGUMENT", "length indicator"),
-        "bytes after the last element": (dict(raw=[struct.pack("<I", 2) + b"hello"], shape=[1, 1]),
-                                         "INVALID_ARGUMENT", "length indicator"),
-        "more elements than the shape": (dict(raw=[elements(b"a", b"b")], shape=[1, 1]), "INVALID_ARGUMENT",
-                                         "string elements"),
-        "fewer elements than the shape": (dict(raw=[elements(b"a")], shape=[3, 1]), "INVALID_ARGUMENT",
-                                          "string elements"),
+        "bytes after the last element": (
+            dict(raw=[struct.pack("<I", 2) + b"hello"], shape=[1, 1]),
+            "INVALID_ARGUMENT",
+            "length indicator",
+        ),
+        "more elements than the shape": (
+            dict(raw=[elements(b"a", b"b")], shape=[1, 1]),
+            "INVALID_ARGUMENT",
+            "string elements",
+        ),
+        "fewer elements than the shape": (
+            dict(raw=[elements(b"a")], shape=[3, 1]),
+            "INVALID_ARGUMENT",
+            "string elements",
+        ),
         "empty raw content": (dict(raw=[b""], shape=[1, 1]), "INVALID_ARGUMENT", "string elements"),
         "no raw content": (dict(raw=[], shape=[1, 1]), "INVALID_ARGUMENT", "unable to find data"),
         "unknown input name": (dict(raw=[elements(b"a")], shape=[1, 1], name="NOPE"), "INVALID_ARGUMENT", "NOPE"),
-        "unknown output": (dict(raw=[elements(b"a")], shape=[1, 1], outputs=["nope"]), "INVALID_ARGUMENT",
-                           "unexpected inference output 'nope'"),
-        "10 MB of invalid UTF-8": (dict(raw=[element(b"\xff" * TEN_MB)], shape=[1, 1]), "INVALID_ARGUMENT",
-                                   "row 0: invalid UTF-8"),
+        "unknown output": (
+            dict(raw=[elements(b"a")], shape=[1, 1], outputs=["nope"]),
+            "INVALID_ARGUMENT",
+            "unexpected inference output 'nope'",
+        ),
+        "10 MB of invalid UTF-8": (
+            dict(raw=[element(b"\xff" * TEN_MB)], shape=[1, 1]),
+            "INVALID_ARGUMENT",
+            "row 0: invalid UTF-8",
+        ),
     }
 
 
@@ -197,8 +263,9 @@ def http_json_cases(max_batch: int) -> dict:
 
 
 @pytest.mark.parametrize("case", list(http_json_cases(1)))
-def test_http_json_hostile_request_gets_an_error_and_the_server_keeps_serving(rel_server, stub, served, same_process,
-                                                                              case):
+def test_http_json_hostile_request_gets_an_error_and_the_server_keeps_serving(
+    rel_server, stub, served, same_process, case
+):
     kwargs, status, message = http_json_cases(served.max_batch)[case]
     got, body = http_json(rel_server, served.model, **kwargs)
     assert got == status and message in body.get("error", ""), (case, got, body)
@@ -224,29 +291,48 @@ def test_http_json_10mb_string(rel_server, stub, served, same_process, content_t
 
 def http_binary_cases(max_batch: int) -> dict:
     return {
-        "length prefix past the end": (dict(raw=struct.pack("<I", 500) + b"hello", shape=[1, 1]), 400,
-                                       "incomplete string data"),
-        "length prefix 0xFFFFFFFF": (dict(raw=struct.pack("<I", 0xFFFFFFFF) + b"hello", shape=[1, 1]), 400,
-                                     "incomplete string data"),
+        "length prefix past the end": (
+            dict(raw=struct.pack("<I", 500) + b"hello", shape=[1, 1]),
+            400,
+            "incomplete string data",
+        ),
+        "length prefix 0xFFFFFFFF": (
+            dict(raw=struct.pack("<I", 0xFFFFFFFF) + b"hello", shape=[1, 1]),
+            400,
+            "incomplete string data",
+        ),
         "truncated length prefix": (dict(raw=b"\x05\x00", shape=[1, 1]), 400, "length indicator"),
-        "bytes after the last element": (dict(raw=struct.pack("<I", 2) + b"hello", shape=[1, 1]), 400,
-                                         "length indicator"),
+        "bytes after the last element": (
+            dict(raw=struct.pack("<I", 2) + b"hello", shape=[1, 1]),
+            400,
+            "length indicator",
+        ),
         "more elements than the shape": (dict(raw=elements(b"a", b"b"), shape=[1, 1]), 400, "string elements"),
         "fewer elements than the shape": (dict(raw=elements(b"a"), shape=[2, 1]), 400, "string elements"),
         "no bytes at all": (dict(raw=b"", shape=[1, 1]), 400, ""),
-        "binary_data_size larger than the data": (dict(raw=elements(b"hello"), shape=[1, 1], binary_size=100), 400,
-                                                  "unexpected size"),
-        "header length past the body": (dict(raw=elements(b"hello"), shape=[1, 1], header_length=10**9), 400,
-                                        "Inference-Header-Content-Length"),
+        "binary_data_size larger than the data": (
+            dict(raw=elements(b"hello"), shape=[1, 1], binary_size=100),
+            400,
+            "unexpected size",
+        ),
+        "header length past the body": (
+            dict(raw=elements(b"hello"), shape=[1, 1], header_length=10**9),
+            400,
+            "Inference-Header-Content-Length",
+        ),
         "invalid UTF-8": (dict(raw=elements(b"\xff\xfe\xfd"), shape=[1, 1]), 400, "row 0: invalid UTF-8"),
-        "batch above max_batch_size": (dict(raw=elements(*[b"x"] * (max_batch + 1)), shape=[max_batch + 1, 1]), 400,
-                                       "batch-size"),
+        "batch above max_batch_size": (
+            dict(raw=elements(*[b"x"] * (max_batch + 1)), shape=[max_batch + 1, 1]),
+            400,
+            "batch-size",
+        ),
     }
 
 
 @pytest.mark.parametrize("case", list(http_binary_cases(1)))
-def test_http_binary_hostile_request_gets_an_error_and_the_server_keeps_serving(rel_server, stub, served, same_process,
-                                                                                case):
+def test_http_binary_hostile_request_gets_an_error_and_the_server_keeps_serving(
+    rel_server, stub, served, same_process, case
+):
     kwargs, status, message = http_binary_cases(served.max_batch)[case]
     got, body = http_binary(rel_server, served, **kwargs)
     assert got == status and message in body.get("error", ""), (case, got, body)
@@ -291,8 +377,10 @@ def test_form_encoded_body_over_4mb_reaches_triton_as_json(rel_server, stub, ser
 
 def test_metrics_port_refuses_a_large_form_body(rel_server, stub, served, same_process):
     # The metrics endpoint has the same flaw; it needs no body at all.
-    head = (f"POST /metrics HTTP/1.1\r\nHost: {rel_server.host}\r\nContent-Length: {5_000_000}\r\n"
-            "Content-Type: application/x-www-form-urlencoded\r\nConnection: close\r\n\r\n")
+    head = (
+        f"POST /metrics HTTP/1.1\r\nHost: {rel_server.host}\r\nContent-Length: {5_000_000}\r\n"
+        "Content-Type: application/x-www-form-urlencoded\r\nConnection: close\r\n\r\n"
+    )
     COUNTS.inputs += 1
     with socket.create_connection((rel_server.host, rel_server.metrics_port), timeout=60) as sock:
         sock.sendall(head.encode() + b"a" * 5_000_000)
@@ -304,8 +392,10 @@ def test_metrics_port_refuses_a_large_form_body(rel_server, stub, served, same_p
 
 
 def test_chunked_body_is_refused(rel_server, stub, served, same_process):
-    head = (f"POST {infer_path(served.model)} HTTP/1.1\r\nHost: {rel_server.host}\r\nTransfer-Encoding: chunked\r\n"
-            "Content-Type: application/json\r\nConnection: close\r\n\r\n")
+    head = (
+        f"POST {infer_path(served.model)} HTTP/1.1\r\nHost: {rel_server.host}\r\nTransfer-Encoding: chunked\r\n"
+        "Content-Type: application/json\r\nConnection: close\r\n\r\n"
+    )
     answer = _raw_http(rel_server, head, [b"1\r\n{\r\n" * 1000, b"0\r\n\r\n"])
     assert answer.startswith(b"HTTP/1.1 411"), answer[:200]
     assert_serving(rel_server, stub, served)
@@ -313,8 +403,10 @@ def test_chunked_body_is_refused(rel_server, stub, served, same_process):
 
 def test_oversized_body_is_refused(rel_server, stub, served, same_process):
     size = rel_server.max_http_body_bytes + 1
-    head = (f"POST {infer_path(served.model)} HTTP/1.1\r\nHost: {rel_server.host}\r\nContent-Length: {size}\r\n"
-            "Content-Type: application/json\r\nConnection: close\r\n\r\n")
+    head = (
+        f"POST {infer_path(served.model)} HTTP/1.1\r\nHost: {rel_server.host}\r\nContent-Length: {size}\r\n"
+        "Content-Type: application/json\r\nConnection: close\r\n\r\n"
+    )
     answer = _raw_http(rel_server, head, [b" " * (8 << 20)] * (size // (8 << 20)) + [b" " * (size % (8 << 20))])
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert_serving(rel_server, stub, served)
@@ -322,17 +414,23 @@ def test_oversized_body_is_refused(rel_server, stub, served, same_process):
 
 def test_gzip_bomb_is_refused(rel_server, stub, served, same_process):
     bomb = gzip.compress(b" " * (rel_server.max_http_body_bytes + (1 << 20)), compresslevel=9)
-    status, body = http_post(rel_server, bomb, {"Content-Type": "application/json", "Content-Encoding": "gzip"},
-                             infer_path(served.model))
+    status, body = http_post(
+        rel_server, bomb, {"Content-Type": "application/json", "Content-Encoding": "gzip"}, infer_path(served.model)
+    )
     assert status == 413 and "inflates to more than" in body["error"], body
     assert_serving(rel_server, stub, served)
 
 
 def test_gzip_request_still_works(rel_server, stub, served, same_process):
-    payload = json.dumps({"inputs": [{"name": "TEXT", "shape": [1, 1], "datatype": "BYTES",
-                                      "data": ["Shares rallied"]}]}).encode()
-    status, body = http_post(rel_server, gzip.compress(payload), {"Content-Type": "application/json",
-                                                                  "Content-Encoding": "gzip"}, infer_path(served.model))
+    payload = json.dumps(
+        {"inputs": [{"name": "TEXT", "shape": [1, 1], "datatype": "BYTES", "data": ["Shares rallied"]}]}
+    ).encode()
+    status, body = http_post(
+        rel_server,
+        gzip.compress(payload),
+        {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        infer_path(served.model),
+    )
     assert status == 200, body
 
 

@@ -9,6 +9,7 @@ a few MiB up to ~30 MiB over runs. The bound is max(64 MiB, 5 % of the warm RSS)
 ~400 MiB). A leak that loses 1 KiB per row is ~20 MiB over this run's ~20,000 rows and would go
 unnoticed; 4 KiB per row (~80 MiB) would fail it. The test states this rate in its output.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,7 +69,7 @@ class Worker(threading.Thread):
                 try:
                     outputs = self._http(texts) if self.over_http else self._grpc(client, texts)
                     self.rows_ok += _check(texts, *outputs)
-                except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
+                except Exception as exc:  # every failure is counted and reported
                     self.errors.append(f"{len(texts)} rows: {exc!r}"[:300])
         finally:
             if client is not None:
@@ -84,11 +85,14 @@ class Worker(threading.Thread):
     def _http(self, texts: list[str]):
         # Plain HTTP/JSON, as curl or any REST client sends it, through the guard.
         body = json.dumps({"inputs": [{"name": "TEXT", "shape": [len(texts), 1], "datatype": "BYTES", "data": texts}]})
-        request = urllib.request.Request(f"{self.server.http_url}/v2/models/multitask/infer", body.encode(),
-                                         {"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{self.server.http_url}/v2/models/multitask/infer", body.encode(), {"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=120) as response:
             outputs = {o["name"]: o for o in json.load(response)["outputs"]}
-        return tuple(np.array(outputs[n]["data"]).reshape(outputs[n]["shape"]) for n in ("topic", "sentiment", "TRUNCATED"))
+        return tuple(
+            np.array(outputs[n]["data"]).reshape(outputs[n]["shape"]) for n in ("topic", "sentiment", "TRUNCATED")
+        )
 
 
 def _check(texts: list[str], topic, sentiment, truncated) -> int:
@@ -153,8 +157,9 @@ SIMULTANEOUS = 200
 def _post_infer(url: str, model: str) -> int | str:
     """One inference over a new connection (urllib opens one per request): its status, or the error."""
     body = json.dumps({"inputs": [{"name": "TEXT", "shape": [1, 1], "datatype": "BYTES", "data": ["Shares rallied"]}]})
-    request = urllib.request.Request(f"{url}/v2/models/{model}/infer", body.encode(),
-                                     {"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}/v2/models/{model}/infer", body.encode(), {"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=180) as response:
             response.read()
@@ -172,7 +177,7 @@ def _grpc_infer(url: str, model: str) -> int | str:
         try:
             result = client.infer(model, [tensor], client_timeout=180)
             return 200 if result.as_numpy("TRUNCATED").shape == (1, 1) else "wrong shape"
-        except Exception as exc:  # noqa: BLE001 - every failure is reported
+        except Exception as exc:  # every failure is reported
             return repr(exc)[:200]
 
 
@@ -185,8 +190,9 @@ def test_guards_answer_200_simultaneous_connections(rel_server, test_config, pro
 
     def one(index: int) -> None:
         barrier.wait(timeout=120)
-        answers[index] = (_post_infer(rel_server.http_url, model) if protocol == "http"
-                          else _grpc_infer(rel_server.grpc_url, model))
+        answers[index] = (
+            _post_infer(rel_server.http_url, model) if protocol == "http" else _grpc_infer(rel_server.grpc_url, model)
+        )
 
     threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(SIMULTANEOUS)]
     started = time.monotonic()
@@ -197,6 +203,8 @@ def test_guards_answer_200_simultaneous_connections(rel_server, test_config, pro
     COUNTS.inputs += SIMULTANEOUS
     COUNTS.rows(SIMULTANEOUS, sum(a == 200 for a in answers))
     failed = [a for a in answers if a != 200]
-    COUNTS.notes.append(f"{SIMULTANEOUS} simultaneous {protocol} connections through the guard: {len(failed)} failed, "
-                        f"all answered in {time.monotonic() - started:.1f}s")
+    COUNTS.notes.append(
+        f"{SIMULTANEOUS} simultaneous {protocol} connections through the guard: {len(failed)} failed, "
+        f"all answered in {time.monotonic() - started:.1f}s"
+    )
     assert not failed, failed[:5]

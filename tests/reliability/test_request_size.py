@@ -6,6 +6,7 @@ refuses a request over `max_grpc_request_bytes` (RESOURCE_EXHAUSTED) before Trit
 guard does the same for bodies (413: test_hostile_inputs.py). Memory of Triton, its stubs and its /dev/shm
 regions is compared before and after: it must stay within 32 MiB of where it was (a few MiB of noise is normal).
 """
+
 from __future__ import annotations
 
 import gc
@@ -37,8 +38,11 @@ def _send(url: str, payload: bytes) -> tuple[grpc.StatusCode, str]:
     """Send serialised bytes as they are, with no client-side size limit."""
     options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
     with grpc.insecure_channel(url, options=options) as channel:
-        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=None,
-                                   response_deserializer=service_pb2.ModelInferResponse.FromString)
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=None,
+            response_deserializer=service_pb2.ModelInferResponse.FromString,
+        )
         COUNTS.inputs += 1
         try:
             call(payload, timeout=300)
@@ -72,11 +76,11 @@ def test_grpc_request_over_the_limit_is_refused_and_memory_stays_put(rel_server,
     COUNTS.notes.append(
         f"gRPC storm of {len(answers)} requests of {sizes[0] / MIB:,.0f} to {sizes[-1] / MIB:,.0f} MiB (limit "
         f"{limit / MIB:,.1f} MiB): {mib(before)} before, {mib(after)} after; the guard's process "
-        f"{guard_before / MIB:,.0f} -> {guard_after / MIB:,.0f} MiB")
+        f"{guard_before / MIB:,.0f} -> {guard_after / MIB:,.0f} MiB"
+    )
     assert all(code == grpc.StatusCode.RESOURCE_EXHAUSTED for code, _ in answers), answers
     assert all("larger than max" in details for _, details in answers), answers[0]
     for part in before:
         assert after[part] - before[part] <= TOLERANCE, (part, mib(before), mib(after))
     assert (rel_server.pid, sorted(rel_server.stub_pids()), rel_server.restarts) == same, rel_server.events
     _assert_serving(rel_server.grpc_url, model)
-

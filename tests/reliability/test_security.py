@@ -5,6 +5,7 @@ trace APIs need the per-start admin key: HTTP header `mtl-admin-key`, gRPC metad
 `triton-grpc-protocol-mtl-admin-key` (Triton 2.51 prefixes restricted gRPC keys). Without it they are
 refused; with it they get past the restriction (and model load/unload then meets model-control=none).
 """
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,10 @@ RESTRICTED_CALLS = {
     "load": lambda c, h, r: c.load_model("multitask", headers=h),
     "unload": lambda c, h, r: c.unload_model("multitask", headers=h),
     "repository index": lambda c, h, r: c.get_model_repository_index(headers=h),
-    "shared-memory register": lambda c, h, r: (c.register_system_shared_memory("rel", r, 64, headers=h),
-                                               c.unregister_system_shared_memory("rel", headers=h)),
+    "shared-memory register": lambda c, h, r: (
+        c.register_system_shared_memory("rel", r, 64, headers=h),
+        c.unregister_system_shared_memory("rel", headers=h),
+    ),
     "shared-memory status": lambda c, h, r: c.get_system_shared_memory_status(headers=h),
     "log settings": lambda c, h, r: c.update_log_settings({"log_verbose_level": 0}, headers=h),
     "trace settings": lambda c, h, r: c.get_trace_settings(headers=h),
@@ -99,9 +102,27 @@ def certificate(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tls")
     cert, key = folder / "cert.pem", folder / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
     return cert, key
 
@@ -111,15 +132,29 @@ def tls_server(built_repository, certificate, tmp_path_factory):
     cert, key = certificate
     log = tmp_path_factory.mktemp("tls-triton") / "tritonserver.log"
     # Inference needs a key too: Triton's restricted-protocol option as a shared-secret check.
-    with LocalTriton(built_repository, 0, 0, 0, log_file=log, grpc_server_cert=cert, grpc_server_key=key,
-                     extra_args=(f"--grpc-restricted-protocol=inference:x-api-key={API_KEY}",)) as server:
+    with LocalTriton(
+        built_repository,
+        0,
+        0,
+        0,
+        log_file=log,
+        grpc_server_cert=cert,
+        grpc_server_key=key,
+        extra_args=(f"--grpc-restricted-protocol=inference:x-api-key={API_KEY}",),
+    ) as server:
         yield server
 
 
 def test_tls_client_with_root_cert_and_key_header_succeeds(tls_server, certificate):
     COUNTS.inputs += 1
-    with MultiTaskClient(tls_server.grpc_url, ssl=True, root_certificates=certificate[0], retries=0, timeout_s=60,
-                         headers={API_HEADER: API_KEY}) as client:
+    with MultiTaskClient(
+        tls_server.grpc_url,
+        ssl=True,
+        root_certificates=certificate[0],
+        retries=0,
+        timeout_s=60,
+        headers={API_HEADER: API_KEY},
+    ) as client:
         predictions = client.predict(TEXTS)
     assert len(predictions) == len(TEXTS)
     assert all(p["topic"].label in ("entertainment", "finance", "tech") for p in predictions)
@@ -127,16 +162,22 @@ def test_tls_client_with_root_cert_and_key_header_succeeds(tls_server, certifica
 
 def test_tls_client_without_the_key_header_is_refused(tls_server, certificate):
     COUNTS.inputs += 1
-    with MultiTaskClient(tls_server.grpc_url, ssl=True, root_certificates=certificate[0], retries=0,
-                         timeout_s=30) as client, pytest.raises(MTLClientError) as refused:
+    with (
+        MultiTaskClient(
+            tls_server.grpc_url, ssl=True, root_certificates=certificate[0], retries=0, timeout_s=30
+        ) as client,
+        pytest.raises(MTLClientError) as refused,
+    ):
         client.predict(TEXTS)
     assert f"expecting header '{API_HEADER}'" in str(refused.value), refused.value
 
 
 def test_plaintext_client_fails_clearly_against_tls(tls_server):
     COUNTS.inputs += 1
-    with MultiTaskClient(tls_server.grpc_url, retries=0, timeout_s=20, headers={API_HEADER: API_KEY}) as client, \
-            pytest.raises(ServerUnavailableError) as failed:
+    with (
+        MultiTaskClient(tls_server.grpc_url, retries=0, timeout_s=20, headers={API_HEADER: API_KEY}) as client,
+        pytest.raises(ServerUnavailableError) as failed,
+    ):
         client.predict(TEXTS)
     message = str(failed.value)
     assert message.startswith(f"server at {tls_server.grpc_url} is unavailable"), message
@@ -145,25 +186,60 @@ def test_plaintext_client_fails_clearly_against_tls(tls_server):
 def test_tls_client_that_does_not_trust_the_certificate_fails(tls_server):
     COUNTS.inputs += 1
     # ssl=True with the system's roots: the self-signed certificate is not trusted.
-    with MultiTaskClient(tls_server.grpc_url, ssl=True, retries=0, timeout_s=20,
-                         headers={API_HEADER: API_KEY}) as client, pytest.raises(ServerUnavailableError):
+    with (
+        MultiTaskClient(
+            tls_server.grpc_url, ssl=True, retries=0, timeout_s=20, headers={API_HEADER: API_KEY}
+        ) as client,
+        pytest.raises(ServerUnavailableError),
+    ):
         client.predict(TEXTS)
 
 
 def test_cli_over_tls_with_header(tls_server, certificate, tmp_path):
     rows = write_csv(tmp_path / "in.csv", 20)
     COUNTS.inputs += 2
-    ok = subprocess.run([str(BIN / "mtl-client"), "predict", str(tmp_path / "in.csv"), "--url", tls_server.grpc_url,
-                         "--root-certificates", str(certificate[0]), "--header", f"{API_HEADER}={API_KEY}",
-                         "--out-dir", str(tmp_path / "out"), "--retries", "0"],
-                        capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        [
+            str(BIN / "mtl-client"),
+            "predict",
+            str(tmp_path / "in.csv"),
+            "--url",
+            tls_server.grpc_url,
+            "--root-certificates",
+            str(certificate[0]),
+            "--header",
+            f"{API_HEADER}={API_KEY}",
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--retries",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
     written = read_output(tmp_path / "out" / "topic_predictions.csv")
     COUNTS.rows(len(rows), sum(1 for w, (i, _) in zip(written, rows) if w["id"] == i))
     assert [w["id"] for w in written] == [i for i, _ in rows]
-    plain = subprocess.run([str(BIN / "mtl-client"), "predict", str(tmp_path / "in.csv"), "--url", tls_server.grpc_url,
-                            "--out-dir", str(tmp_path / "plain"), "--retries", "0", "--timeout", "20"],
-                           capture_output=True, text=True, timeout=120)
+    plain = subprocess.run(
+        [
+            str(BIN / "mtl-client"),
+            "predict",
+            str(tmp_path / "in.csv"),
+            "--url",
+            tls_server.grpc_url,
+            "--out-dir",
+            str(tmp_path / "plain"),
+            "--retries",
+            "0",
+            "--timeout",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert plain.returncode == 1, plain.stderr
     assert plain.stderr.startswith("mtl-client: error: ") and len(plain.stderr.strip().splitlines()) == 1, plain.stderr
     assert not (tmp_path / "plain").exists()

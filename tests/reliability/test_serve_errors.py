@@ -1,12 +1,14 @@
 """`mtl-serve` on a broken setup: a clear one-line error and a non-zero exit, never a hang."""
+
 from __future__ import annotations
 
 import socket
 import time
 
 import pytest
-from mtl_serve import free_port
 from rel_helpers import BIN, COUNTS, copy_repository, run
+
+from mtl_serve import free_port
 
 pytestmark = pytest.mark.reliability
 # Far above the ~10 s a failing start takes here; a hang would hit it.
@@ -17,9 +19,22 @@ def _serve(repository, tmp_path, *ports: int) -> tuple[int, str, float]:
     grpc, http, metrics = (ports + (0, 0, 0))[:3] if ports else (0, 0, 0)
     COUNTS.inputs += 1
     started = time.monotonic()
-    result = run([str(BIN / "mtl-serve"), "--model-repository", str(repository), "--grpc-port", str(grpc or free_port()),
-                  "--http-port", str(http or free_port()), "--metrics-port", str(metrics or free_port()),
-                  "--log-file", str(tmp_path / "triton.log")], timeout=LIMIT_S)
+    result = run(
+        [
+            str(BIN / "mtl-serve"),
+            "--model-repository",
+            str(repository),
+            "--grpc-port",
+            str(grpc or free_port()),
+            "--http-port",
+            str(http or free_port()),
+            "--metrics-port",
+            str(metrics or free_port()),
+            "--log-file",
+            str(tmp_path / "triton.log"),
+        ],
+        timeout=LIMIT_S,
+    )
     return result.returncode, result.stderr, time.monotonic() - started
 
 
@@ -28,6 +43,7 @@ def test_missing_repository(tmp_path):
     COUNTS.faults += 1
     assert code == 2, err
     assert "mtl-serve: error: model repository" in err and "does not exist: run mtl-build first" in err
+    assert "starting" not in err, err  # refused before it says it is starting
 
 
 def test_repository_without_models(tmp_path):
@@ -49,6 +65,7 @@ def test_busy_port(built_repository, tmp_path, which):
     label = {"grpc": "gRPC", "http": "HTTP", "metrics": "metrics"}[which]
     assert code == 2, err
     assert f"mtl-serve: error: {label} port {busy} is already in use" in err, err
+    assert "starting" not in err, err
 
 
 def test_corrupt_artifact_fails_the_load(built_repository, tmp_path):

@@ -8,6 +8,7 @@ looks) or a canary inference go unanswered while the stubs use no CPU, makes rea
 once, and restarts Triton on the same ports; it restarts a crashed Triton too, and removes the /dev/shm
 regions the old one left.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,7 +40,7 @@ def _infer(client: grpcclient.InferenceServerClient, model: str, rows: int = 2, 
     tensor.set_data_from_numpy(np.array([[b"Shares rallied after the results"]] * rows, dtype=object))
     try:
         result = client.infer(model, [tensor], client_timeout=timeout_s)
-    except Exception as exc:  # noqa: BLE001 - any failure is an observation here
+    except Exception as exc:  # any failure is an observation here
         return f"error: {exc}"
     return "ok" if result.as_numpy("TRUNCATED").shape == (rows, 1) else "wrong shape"
 
@@ -48,7 +49,7 @@ def _model_ready(client: grpcclient.InferenceServerClient, model: str) -> bool:
     COUNTS.inputs += 1
     try:
         return bool(client.is_model_ready(model, client_timeout=2))
-    except Exception:  # noqa: BLE001 - unreachable counts as not ready
+    except Exception:  # unreachable counts as not ready
         return False
 
 
@@ -125,8 +126,10 @@ def test_watchdog_restarts_triton_on_the_same_ports_then_gives_up(local_triton, 
         second_regions = server.shm_regions
         assert len(_existing(second_regions)) == instances and not second_regions & first_regions
         recovery = server.recoveries[-1]
-        COUNTS.notes.append(f"stub SIGKILL, idle server: seen {recovery.detected_at - killed:.1f}s after the kill, "
-                            f"serving again {recovery.ready_at - killed:.1f}s after it (watchdog restart)")
+        COUNTS.notes.append(
+            f"stub SIGKILL, idle server: seen {recovery.detected_at - killed:.1f}s after the kill, "
+            f"serving again {recovery.ready_at - killed:.1f}s after it (watchdog restart)"
+        )
 
         # A second death within the window: max_restarts=1 is spent, so it stops Triton and says why.
         _signal_stubs(server.stub_pids(), signal.SIGKILL)
@@ -153,8 +156,10 @@ def test_watchdog_restarts_a_crashed_triton_and_removes_its_shared_memory(local_
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
         assert _infer(client, model) == "ok"
     recovery = server.recoveries[-1]
-    COUNTS.notes.append(f"tritonserver SIGSEGV: exit seen {recovery.detected_at - crashed:.1f}s later, serving again "
-                        f"after {recovery.ready_at - crashed:.1f}s (watchdog restart)")
+    COUNTS.notes.append(
+        f"tritonserver SIGSEGV: exit seen {recovery.detected_at - crashed:.1f}s later, serving again "
+        f"after {recovery.ready_at - crashed:.1f}s (watchdog restart)"
+    )
 
 
 def _start_mtl_serve(repository: Path, tmp_path: Path, *options: str) -> tuple[subprocess.Popen, list[str], Path]:
@@ -162,9 +167,22 @@ def _start_mtl_serve(repository: Path, tmp_path: Path, *options: str) -> tuple[s
     out = tmp_path / "serve.out"
     with out.open("w") as handle:
         serve = subprocess.Popen(
-            [str(BIN / "mtl-serve"), "--model-repository", str(repository), "--grpc-port", ports[0],
-             "--http-port", ports[1], "--metrics-port", ports[2], "--log-file", str(tmp_path / "triton.log"),
-             *options], stdout=handle, stderr=subprocess.STDOUT,
+            [
+                str(BIN / "mtl-serve"),
+                "--model-repository",
+                str(repository),
+                "--grpc-port",
+                ports[0],
+                "--http-port",
+                ports[1],
+                "--metrics-port",
+                ports[2],
+                "--log-file",
+                str(tmp_path / "triton.log"),
+                *options,
+            ],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
         )
     COUNTS.inputs += 1
     assert wait_for(lambda: "(Ctrl-C to stop)" in out.read_text() or serve.poll() is not None, 240), out.read_text()
@@ -200,7 +218,7 @@ class Traffic:
                 if answer != "ok":
                     time.sleep(0.2)
 
-    def __enter__(self) -> "Traffic":
+    def __enter__(self) -> Traffic:
         for thread in self._threads:
             thread.start()
         return self
@@ -239,8 +257,12 @@ def test_under_traffic_a_failed_stub_is_seen_at_once_and_triton_recovers(built_r
                 if detected is None and not (grpc_ready and http_ready):
                     detected = now
                     COUNTS.inputs += 1
-                    health_exit = subprocess.run([str(BIN / "mtl-client"), "health", "--url", grpc_url],
-                                                 capture_output=True, text=True, timeout=60).returncode
+                    health_exit = subprocess.run(
+                        [str(BIN / "mtl-client"), "health", "--url", grpc_url],
+                        capture_output=True,
+                        text=True,
+                        timeout=60,
+                    ).returncode
                 if detected is not None and answer == "ok":
                     recovered = now
                 if not continued and now > 20:
@@ -249,8 +271,9 @@ def test_under_traffic_a_failed_stub_is_seen_at_once_and_triton_recovers(built_r
                         os.kill(stubs[0], signal.SIGCONT)
                 time.sleep(0.2)
             settled = time.monotonic()
-            assert wait_for(lambda: any(t > settled and r == "ok" for t, r in traffic.results), 60), \
-                traffic.results[-3:]
+            assert wait_for(lambda: any(t > settled and r == "ok" for t, r in traffic.results), 60), traffic.results[
+                -3:
+            ]
         assert serve.poll() is None, out.read_text()
         assert detected is not None and recovered is not None, (samples[-5:], out.read_text())
         broken_but_ready = [s for s in samples if s[0] > detected and s[3] not in (None, "ok")]
@@ -266,7 +289,8 @@ def test_under_traffic_a_failed_stub_is_seen_at_once_and_triton_recovers(built_r
         COUNTS.notes.append(
             f"stub {signal.Signals(sig).name} under 2 x 70-row traffic: readiness false {detected:.1f}s after the "
             f"fault, serving again after {recovered:.1f}s; {failed} of {len(after_fault)} client requests got "
-            "UNAVAILABLE meanwhile (none INTERNAL); mtl-serve kept running")
+            "UNAVAILABLE meanwhile (none INTERNAL); mtl-serve kept running"
+        )
     finally:
         _stop(serve)
 
@@ -358,9 +382,11 @@ def test_canary_tells_a_hung_stub_from_a_busy_one(local_triton, tmp_path):
         tensor.set_data_from_numpy(np.array([[b"fine"]], dtype=object))
         COUNTS.inputs += 1
         assert client.infer("sleeper", [tensor], client_timeout=20).as_numpy("OUT").shape == (1, 1)
-    COUNTS.notes.append(f"hung stub (blocked, not stopped; canary deadline 3 s): seen "
-                        f"{recovery.detected_at - hung_at:.1f}s after the hang, serving again after "
-                        f"{recovery.ready_at - hung_at:.1f}s")
+    COUNTS.notes.append(
+        f"hung stub (blocked, not stopped; canary deadline 3 s): seen "
+        f"{recovery.detected_at - hung_at:.1f}s after the hang, serving again after "
+        f"{recovery.ready_at - hung_at:.1f}s"
+    )
 
 
 def _children(pid: int) -> list[int]:

@@ -1,4 +1,6 @@
-"""mtl-build end to end on a small labelled set: deterministic, cached, calibrated, checked graphs, no half-written output."""
+"""mtl-build end to end on a small labelled set: deterministic, cached, calibrated, checked graphs, and no
+half-written output."""
+
 import csv
 import json
 from pathlib import Path
@@ -6,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from multitask_core import files
-from multitask_core.served import ServedModel
 
-from mtl_build import evaluate, pbtxt, pipeline
+from mtl_build import evaluate, pbtxt
 from mtl_build.cli import build
 from mtl_build.data import DataError
+from multitask_core import files
+from multitask_core.served import ServedModel
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = [
@@ -86,6 +88,8 @@ def test_metrics_json_and_model_card_report_validation_challenge_registers_and_c
     assert set(metrics["expected_label_share"]["sentiment"]) == {"negative", "neutral", "positive"}
     assert abs(sum(metrics["expected_label_share"]["topic"].values()) - 1) < 1e-3
     assert metrics["graphs"]["onnxruntime"]["label_agreement"] == {"topic": 1.0, "sentiment": 1.0}
+    splits = metrics["graphs"]["onnxruntime"]["splits"]  # the bar holds on each split, not only on the union
+    assert {name: part["rows"] for name, part in splits.items()} == {"validation": len(ROWS), "challenge": len(ROWS)}
     card = (version_dir / "MODEL_CARD.md").read_text()
     for heading in ("## Intended use", "## Validation", "## Challenge set", "## Calibration", "## Known failure kinds"):
         assert heading in card
@@ -133,10 +137,14 @@ def test_joint_mode_updates_the_encoder_and_frozen_layers_stay(tmp_path):
     from safetensors.numpy import load_file
 
     before, after = load_file(heads / "weights.safetensors"), load_file(joint / "weights.safetensors")
-    assert np.array_equal(before["encoder.encoder.layer.1.attention.self.query.weight"],
-                          after["encoder.encoder.layer.1.attention.self.query.weight"])  # frozen
-    assert not np.array_equal(before["encoder.encoder.layer.4.attention.self.query.weight"],
-                              after["encoder.encoder.layer.4.attention.self.query.weight"])
+    assert np.array_equal(
+        before["encoder.encoder.layer.1.attention.self.query.weight"],
+        after["encoder.encoder.layer.1.attention.self.query.weight"],
+    )  # frozen
+    assert not np.array_equal(
+        before["encoder.encoder.layer.4.attention.self.query.weight"],
+        after["encoder.encoder.layer.4.attention.self.query.weight"],
+    )
     assert json.loads((joint / "metrics.json").read_text())["training"]["mode"] == "joint"
 
 
@@ -168,10 +176,12 @@ def test_a_graph_below_the_agreement_bar_fails_the_build_and_installs_nothing(tm
 
 def _one_label_differs(real):
     """evaluate.agreement as if the candidate graph flipped the first row's label of every task."""
+
     def agreement(candidate, reference):
         flipped = {name: np.roll(probs, 1, axis=1) if len(probs) else probs for name, probs in candidate.items()}
         flipped = {name: np.concatenate([flipped[name][:1], candidate[name][1:]]) for name in candidate}
         return real(flipped, reference)
+
     return agreement
 
 
@@ -186,7 +196,7 @@ def test_int8_graph_is_chosen_on_validation_and_refused_below_the_bar(tmp_path, 
     assert served.runtime.name == "openvino"  # runtime openvino in config.pbtxt
     # The bar as shipped, and every plan flips a label: the build fails and installs nothing.
     strict = small_project(tmp_path, lambda raw: raw["serving"].update(runtime="openvino"))
-    monkeypatch.setattr(pipeline, "agreement", _one_label_differs(evaluate.agreement))
+    monkeypatch.setattr(evaluate, "agreement", _one_label_differs(evaluate.agreement))
     with pytest.raises(Exception, match="no int8 plan kept the float32 labels"):
         build(strict, tmp_path / "repo2", mode="heads_only", log=quiet)
     assert not (tmp_path / "repo2" / "multitask").exists()

@@ -1,4 +1,5 @@
 """The temperature fit, and the head it is folded into."""
+
 import numpy as np
 import torch
 
@@ -32,8 +33,10 @@ def test_calibration_lowers_the_expected_calibration_error():
     from mtl_client.metrics import expected_calibration_error
 
     logits, labels = _sampled(3.0)
+
     def ece(probabilities):
         return expected_calibration_error(probabilities.max(1), (probabilities.argmax(1) == labels).astype(float))
+
     before = ece(calibrate.softmax(logits))
     after = ece(calibrate.softmax(logits, calibrate.fit_temperature(logits, labels)))
     assert after < before / 3 and after < 0.02

@@ -32,8 +32,11 @@ def test_defaults_are_the_shipped_values(section):
     """A key left out of config.yaml means what the shipped file says (the README documents those values)."""
     from mtl_build import config as config_module
 
-    model = {"training": config_module.TrainingConfig, "serving": config_module.ServingConfig,
-             "data": config_module.DataConfig}[section]
+    model = {
+        "training": config_module.TrainingConfig,
+        "serving": config_module.ServingConfig,
+        "data": config_module.DataConfig,
+    }[section]
     defaults = model().model_dump(mode="json")
     for key, value in RAW[section].items():
         if key == "task_weights" or (section == "data" and key in ("train", "validation", "challenge")):
@@ -47,15 +50,27 @@ def test_defaults_are_the_shipped_values(section):
         (lambda c: c["serving"].update(device="tpu"), ["serving.device", "'auto', 'cpu' or 'gpu'", "'tpu'"]),
         (lambda c: c["serving"].update(precision="int8"), ["serving.precision", "'auto' or 'float32'", "'int8'"]),
         (lambda c: c["training"].update(mode="lora"), ["training.mode", "'heads_only' or 'joint'", "'lora'"]),
-        (lambda c: c["serving"].update(max_batch_size=0), ["serving.max_batch_size", "greater than or equal to 1", "0"]),
+        (
+            lambda c: c["serving"].update(max_batch_size=0),
+            ["serving.max_batch_size", "greater than or equal to 1", "0"],
+        ),
         (lambda c: c["serving"].update(max_bach_size=8), ["serving.max_bach_size", "not a known key"]),
         (lambda c: c["tasks"][0].update(labels=["a", "a"]), ["tasks.0.labels", "unique"]),
         (lambda c: c["tasks"][1].update(name="Sentiment!"), ["tasks.1.name", "Triton output tensor"]),
         (lambda c: c["tasks"].append({"name": "topic", "labels": ["x", "y"]}), ["task names must be unique"]),
         (lambda c: c["tasks"].append({"name": "truncated", "labels": ["x", "y"]}), ["clash", "TRUNCATED"]),
-        (lambda c: c["serving"].update(preferred_batch_sizes=[512]), ["preferred_batch_sizes [512]", "max_batch_size (256)"]),
-        (lambda c: c["backbone"]["sha256"].update({"config.json": "abc"}), ["backbone.sha256", "not a lowercase hex SHA-256"]),
-        (lambda c: c["training"].update(task_weights={"colour": 2.0}), ["unknown tasks ['colour']", f"valid: {TASK_NAMES}"]),
+        (
+            lambda c: c["serving"].update(preferred_batch_sizes=[512]),
+            ["preferred_batch_sizes [512]", "max_batch_size (256)"],
+        ),
+        (
+            lambda c: c["backbone"]["sha256"].update({"config.json": "abc"}),
+            ["backbone.sha256", "not a lowercase hex SHA-256"],
+        ),
+        (
+            lambda c: c["training"].update(task_weights={"colour": 2.0}),
+            ["unknown tasks ['colour']", f"valid: {TASK_NAMES}"],
+        ),
         (lambda c: c["serving"].update(runtime="tensorrt"), ["serving.runtime", "'onnxruntime'", "'tensorrt'"]),
         (lambda c: c["serving"].update(tokens_per_forward=-1), ["serving.tokens_per_forward", "-1"]),
         (lambda c: c["training"].update(autocast="float16"), ["training.autocast", "'bfloat16'", "'float16'"]),

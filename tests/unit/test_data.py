@@ -1,4 +1,5 @@
 """The committed labelled data: columns, labels, registers, no duplicates across splits, balanced cells."""
+
 from collections import Counter
 from pathlib import Path
 
@@ -57,18 +58,22 @@ def test_validation_is_a_stratified_share_of_each_register(splits):
 
 
 def test_near_duplicates_are_found_and_the_first_is_kept():
-    rows = [dataset.Row("Bank of England holds rates at 5.25%", "finance", "neutral", "headline", "a"),
-            dataset.Row("Bank of England holds interest rates at 5.25%", "finance", "neutral", "social", "b"),
-            dataset.Row("THE BANK of england holds rates at 5.25%", "finance", "neutral", "social", "c"),
-            dataset.Row("The new phone's battery is dreadful", "tech", "negative", "review", "d")]
+    rows = [
+        dataset.Row("Bank of England holds rates at 5.25%", "finance", "neutral", "headline", "a"),
+        dataset.Row("Bank of England holds interest rates at 5.25%", "finance", "neutral", "social", "b"),
+        dataset.Row("THE BANK of england holds rates at 5.25%", "finance", "neutral", "social", "c"),
+        dataset.Row("The new phone's battery is dreadful", "tech", "negative", "review", "d"),
+    ]
     kept, dropped = dataset.deduplicate(rows)
     assert [r.source for r in kept] == ["a", "d"]
     assert {second.source for _, second, _ in dropped} == {"b", "c"}
 
 
 def test_split_is_deterministic_and_keeps_every_row():
-    rows = [dataset.Row(f"text number {i} about item {i * 7}", "tech", ["negative", "neutral", "positive"][i % 3],
-                        "social") for i in range(300)]
+    rows = [
+        dataset.Row(f"text number {i} about item {i * 7}", "tech", ["negative", "neutral", "positive"][i % 3], "social")
+        for i in range(300)
+    ]
     train_a, val_a = dataset.split_validation(rows)
     train_b, val_b = dataset.split_validation(rows)
     assert train_a == train_b and val_a == val_b
@@ -76,13 +81,16 @@ def test_split_is_deterministic_and_keeps_every_row():
     assert len(val_a) == 30
 
 
-@pytest.mark.parametrize("line, message", [
-    ("hello,sports,neutral,social", "topic 'sports'"),
-    ("hello,tech,angry,social", "sentiment 'angry'"),
-    ("hello,tech,neutral,blog", "register 'blog'"),
-    (",tech,neutral,social", "text is empty"),
-    ("a,b,tech,neutral,social", "more fields than the header"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("hello,sports,neutral,social", "topic 'sports'"),
+        ("hello,tech,angry,social", "sentiment 'angry'"),
+        ("hello,tech,neutral,blog", "register 'blog'"),
+        (",tech,neutral,social", "text is empty"),
+        ("a,b,tech,neutral,social", "more fields than the header"),
+    ],
+)
 def test_a_bad_row_is_named(tmp_path, line, message):
     path = tmp_path / "x.csv"
     path.write_text("text,topic,sentiment,register\n" + line + "\n")

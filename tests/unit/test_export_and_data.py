@@ -14,6 +14,7 @@ from mtl_build.export import render_model_config
 def render_config_pbtxt(config) -> str:
     return pbtxt.to_text(render_model_config(config))
 
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -34,7 +35,8 @@ def test_config_pbtxt_parses_as_a_triton_model_config():
     assert parsed.parameters["max_tokens"].string_value == str(config.backbone.max_tokens)
     assert parsed.parameters["runtime"].string_value == config.serving.runtime
     assert json.loads(parsed.parameters["tasks"].string_value) == [
-        {"name": task.name, "labels": task.labels} for task in config.tasks]
+        {"name": task.name, "labels": task.labels} for task in config.tasks
+    ]
 
 
 def test_config_pbtxt_reads_back_into_the_dict_it_was_written_from(tmp_path):
@@ -54,7 +56,7 @@ def test_a_model_config_the_schema_refuses_is_a_build_error(tmp_path):
 
     with pytest.raises(BuildError, match="not a valid Triton model config"):
         pbtxt.to_text({"name": "x", "max_batch_size": "many"})
-    (tmp_path / "config.pbtxt").write_text("name: \"x\"\nmax_batch_sise: 4\n")
+    (tmp_path / "config.pbtxt").write_text('name: "x"\nmax_batch_sise: 4\n')
     with pytest.raises(BuildError, match="config.pbtxt: not a valid Triton model config"):
         pbtxt.read_config(tmp_path)
 
@@ -76,8 +78,10 @@ def tasks():
 def test_labelled_csv_reads_partial_labels(tmp_path, tasks):
     path = tmp_path / "d.csv"
     topic, sentiment = tasks[0], tasks[1]
-    path.write_text(f'text,{topic.name},{sentiment.name},register\n"Rates rose, again",{topic.labels[1]},,headline\n'
-                    f'Great film,{topic.labels[0]},{sentiment.labels[2]},review\n')
+    path.write_text(
+        f'text,{topic.name},{sentiment.name},register\n"Rates rose, again",{topic.labels[1]},,headline\n'
+        f"Great film,{topic.labels[0]},{sentiment.labels[2]},review\n"
+    )
     data = read_labelled_csv(path, tasks)
     assert data.texts == ["Rates rose, again", "Great film"]
     assert data.labels[topic.name].tolist() == [1, 0]
@@ -92,7 +96,10 @@ def test_labelled_csv_reads_partial_labels(tmp_path, tasks):
     [
         ("words,topic\nhello,tech\n", "no 'text' column; columns found: ['words', 'topic']"),
         ("text,topic\nhello,tech\n,finance\n", "row 3, column 'text': empty text"),
-        ("text,topic\nhello,sports\n", "row 2, column 'topic': unknown label 'sports'; valid: ['entertainment', 'finance', 'tech']"),
+        (
+            "text,topic\nhello,sports\n",
+            "row 2, column 'topic': unknown label 'sports'; valid: ['entertainment', 'finance', 'tech']",
+        ),
         ("text,topic\n", "no data rows"),
     ],
 )

@@ -1,4 +1,5 @@
 """The served computation (multitask_core) without Triton: encoder, pooling, heads, request handling."""
+
 import json
 
 import numpy as np
@@ -6,15 +7,24 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
+from mtl_build.backbone import default_backbone_path
 from multitask_core import files, runtimes, spec, text
 from multitask_core.encoder import Layout, MiniLMEncoder, MultiTaskModel, bucket_tokens
 from multitask_core.served import row_slices
 
-from mtl_build.backbone import default_backbone_path
-
-SMALL = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-             max_position_embeddings=64, type_vocab_size=2, layer_norm_eps=1e-12, hidden_act="gelu",
-             model_type="bert", pad_token_id=0)
+SMALL = dict(
+    vocab_size=120,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    type_vocab_size=2,
+    layer_norm_eps=1e-12,
+    hidden_act="gelu",
+    model_type="bert",
+    pad_token_id=0,
+)
 TASKS = {"topic": 3, "mood": 2}
 
 
@@ -22,7 +32,9 @@ TASKS = {"topic": 3, "mood": 2}
 def small_pair():
     """A random transformers BertModel and the served module holding the same weights."""
     torch.manual_seed(0)
-    reference = BertModel(BertConfig(**{k: v for k, v in SMALL.items() if k != "model_type"}), add_pooling_layer=False).eval()
+    reference = BertModel(
+        BertConfig(**{k: v for k, v in SMALL.items() if k != "model_type"}), add_pooling_layer=False
+    ).eval()
     served = MultiTaskModel(SMALL, TASKS).eval()
     missing, unexpected = served.encoder.load_state_dict(reference.state_dict(), strict=False)
     assert not missing and set(unexpected) <= {"embeddings.position_ids", "embeddings.token_type_ids"}
@@ -89,14 +101,17 @@ def test_text_with_no_visible_character_is_an_empty_row(content_free):
         text.decode_texts(np.array([[b"fine"], [content_free.encode()]], dtype=object))
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("lol 😂😂😂 this is 🔥", "lol face with tears of joy this is fire"),
-    ("@jess_k92 soooooo gooood!!!!!!", "@user soo good!!!"),
-    ("see http://t.co/Ab3xYz9, or www.bbc.co.uk/news.", "see http, or http."),
-    ("#NotMyPresident and #GoT and #iPhone15", "#not my president and #GoT and #iPhone15"),
-    ("AT&amp;T \u200bprices\x00  rise\n", "AT&T prices rise"),
-    ("café ümlaut €5", "café ümlaut €5"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("lol 😂😂😂 this is 🔥", "lol face with tears of joy this is fire"),
+        ("@jess_k92 soooooo gooood!!!!!!", "@user soo good!!!"),
+        ("see http://t.co/Ab3xYz9, or www.bbc.co.uk/news.", "see http, or http."),
+        ("#NotMyPresident and #GoT and #iPhone15", "#not my president and #GoT and #iPhone15"),
+        ("AT&amp;T \u200bprices\x00  rise\n", "AT&T prices rise"),
+        ("café ümlaut €5", "café ümlaut €5"),
+    ],
+)
 def test_normalisation_maps_social_noise_to_words_the_encoder_knows(raw, expected):
     assert text.normalize_text(raw) == expected
 
@@ -160,11 +175,14 @@ def test_runtimes_chunk_rows_by_the_token_cap_and_restore_row_order():
 
 
 def test_serving_spec_reads_triton_parameters():
-    config = {"parameters": {
-        "tasks": {"string_value": json.dumps([{"name": "topic", "labels": ["a", "b"]}])},
-        "max_tokens": {"string_value": "128"},
-        "runtime": {"string_value": "openvino"},
-    }, "instance_group": [{"kind": "KIND_CPU", "count": 3}]}
+    config = {
+        "parameters": {
+            "tasks": {"string_value": json.dumps([{"name": "topic", "labels": ["a", "b"]}])},
+            "max_tokens": {"string_value": "128"},
+            "runtime": {"string_value": "openvino"},
+        },
+        "instance_group": [{"kind": "KIND_CPU", "count": 3}],
+    }
     read = spec.ServingSpec.from_model_config(config)
     assert read.tasks == (spec.TaskSpec("topic", ("a", "b")),) and read.max_tokens == 128 and read.normalize
     assert read.runtime == "openvino" and read.instance_count == 3
@@ -212,16 +230,23 @@ def test_packed_encoder_ignores_how_rows_are_batched(small_pair):
     mask = (ids != 0).astype(np.int64)
     with torch.no_grad():
         together = served.encoder(torch.from_numpy(ids), torch.from_numpy(mask))
-        alone = torch.cat([served.encoder(torch.from_numpy(ids[r:r + 1, :n]), torch.from_numpy(mask[r:r + 1, :n]))
-                           for r, n in enumerate(lengths)])
+        alone = torch.cat(
+            [
+                served.encoder(torch.from_numpy(ids[r : r + 1, :n]), torch.from_numpy(mask[r : r + 1, :n]))
+                for r, n in enumerate(lengths)
+            ]
+        )
     assert torch.allclose(together, alone, atol=1e-5)
 
 
-@pytest.mark.parametrize("flags, expected", [
-    ("fpu sse avx512f amx_bf16 amx_tile", True),
-    ("fpu sse avx512f avx512_bf16", True),
-    ("fpu sse avx2 avx512f", False),
-])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ("fpu sse avx512f amx_bf16 amx_tile", True),
+        ("fpu sse avx512f avx512_bf16", True),
+        ("fpu sse avx2 avx512f", False),
+    ],
+)
 def test_bfloat16_only_where_the_cpu_runs_it_fast(tmp_path, flags, expected):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")

@@ -6,8 +6,7 @@ move, this file is the only one to change.
 
 from __future__ import annotations
 
-from mtl_serve import LocalTriton, ServerError
-from mtl_serve.local import TRITON_VERSION, cache_dir, check_stub_environment, wheel_paths
+from mtl_serve import TRITON_VERSION, LocalTriton, ServerError, cache_dir, check_stub_environment, wheel_paths
 
 __all__ = [
     "LocalTriton",

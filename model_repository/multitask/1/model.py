@@ -4,6 +4,7 @@ Everything the model computes lives in multitask_core.ServedModel (tested withou
 moves tensors between Triton and it, turns a bad row into that request's INVALID_ARG error, and publishes
 what multitask_core.metrics counted as mtl_* series on Triton's metrics endpoint (docs/metrics.md).
 """
+
 import json
 import os
 import sys
@@ -16,13 +17,13 @@ import numpy as np
 if int(np.__version__.split(".")[0]) >= 2:
     raise ImportError(f"the Triton python stub needs numpy<2, found {np.__version__} at {np.__file__}")
 
-import triton_python_backend_utils as pb_utils  # noqa: E402
+import triton_python_backend_utils as pb_utils
 
 # The core package sits beside this file; Triton does not put this folder on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from multitask_core import metrics as serving_metrics  # noqa: E402
-from multitask_core.served import ServedModel, row_slices  # noqa: E402
-from multitask_core.spec import INPUT_NAME, TRUNCATED_NAME  # noqa: E402
+from multitask_core import metrics as serving_metrics
+from multitask_core.served import ServedModel, row_slices
+from multitask_core.spec import INPUT_NAME, TRUNCATED_NAME
 
 
 class TritonPythonModel:
@@ -52,7 +53,7 @@ class TritonPythonModel:
         try:
             batch = self.served.encode(texts)
             probabilities = self.served.run(batch)
-        except Exception as exc:  # noqa: BLE001 - one failed batch must not take the instance down
+        except Exception as exc:  # one failed batch must not take the instance down
             pb_utils.Logger.log_error(f"inference failed for {len(texts)} rows: {exc!r}")
             for index in accepted:
                 responses[index] = _error(f"inference failed: {exc}", pb_utils.TritonError.INTERNAL)
@@ -76,16 +77,23 @@ class TritonPythonModel:
     # -- metrics (counting in multitask_core.metrics; only Triton's registration and updates here) -----------
     def _open_metrics(self, args, folder, config):
         self.metrics, self._flusher, self._metric_handles, self._metric_families = (
-            serving_metrics.DisabledMetrics(), None, {}, {})
+            serving_metrics.DisabledMetrics(),
+            None,
+            {},
+            {},
+        )
         if not serving_metrics.enabled(os.environ):
             pb_utils.Logger.log_info(f"mtl metrics off ({serving_metrics.ENV_SWITCH})")
             return
         tasks = [(task.name, task.labels) for task in self.served.spec.tasks]
         constant = {"model": args["model_name"], "version": args["model_version"]}
         kinds = {"counter": pb_utils.MetricFamily.COUNTER, "gauge": pb_utils.MetricFamily.GAUGE}
-        self._metric_families = {family.name: pb_utils.MetricFamily(name=family.name, description=family.description,
-                                                                    kind=kinds[family.kind])
-                                 for family in serving_metrics.FAMILIES}
+        self._metric_families = {
+            family.name: pb_utils.MetricFamily(
+                name=family.name, description=family.description, kind=kinds[family.kind]
+            )
+            for family in serving_metrics.FAMILIES
+        }
         tally = serving_metrics.ServingMetrics(tasks, int(config.get("max_batch_size") or 1), constant)
         for series in tally.series():
             self._metric_handles[series] = self._metric_families[series.family.name].Metric(labels=series.label_dict)
@@ -98,8 +106,11 @@ class TritonPythonModel:
             pb_utils.Logger.log_warn(f"mtl metrics: no gauge for {'; '.join(missing)}")
         self.metrics = tally
         self._flusher = serving_metrics.Flusher(
-            tally, lambda series, delta: self._metric_handles[series].increment(delta),
-            serving_metrics.flush_interval(os.environ), on_error=pb_utils.Logger.log_error).start()
+            tally,
+            lambda series, delta: self._metric_handles[series].increment(delta),
+            serving_metrics.flush_interval(os.environ),
+            on_error=pb_utils.Logger.log_error,
+        ).start()
 
 
 def _error(message, code):

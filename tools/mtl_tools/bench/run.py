@@ -221,7 +221,7 @@ def attempt(report: dict, what: str, function, *args):
     """Run one step; a failure is recorded in the report and the run goes on (it exits 1 at the end)."""
     try:
         return function(*args)
-    except Exception as exc:  # noqa: BLE001 - the other contenders still run; the report names the failure
+    except Exception as exc:  # the other contenders still run; the report names the failure
         report["errors"].append(f"{what}: {type(exc).__name__}: {exc}")
         return None
 

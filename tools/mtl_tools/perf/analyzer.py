@@ -116,7 +116,7 @@ class PerfAnalyzer:
         if lib_dir is None:
             try:
                 lib_dir = _library_folder(root)
-            except Exception:  # noqa: BLE001 - a system install (e.g. perf-analyzer 2.60) may need none
+            except Exception:  # a system install (e.g. perf-analyzer 2.60) may need none
                 lib_dir = None
         return cls(Path(chosen), lib_dir)
 

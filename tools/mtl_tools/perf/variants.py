@@ -158,7 +158,7 @@ def build_repository(source: Path, model: str, variants: list[Variant], destinat
     return served
 
 
-# model.py logs one line per instance when it is ready; the OpenVINO runtime names its thread count there.
+# model.py logs one line per instance when it is ready; a CPU runtime names its thread count there.
 _READY_THREADS = re.compile(r"multitask ready: [^\n]*?\((\d+) threads")
 
 
@@ -172,7 +172,7 @@ def threads_check(log_text: str, variants: list[Variant], cores: int) -> str | N
         asked = any(variant.threads for variant in variants)
         return (
             (
-                "the served model logged no thread counts (only the openvino runtime does): the threads asked for are "
+                "the served model logged no thread counts (a GPU runtime names none): the threads asked for are "
                 "unverified"
             )
             if asked

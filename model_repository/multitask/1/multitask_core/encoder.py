@@ -9,6 +9,7 @@ only, as one [tokens, hidden] matrix; only attention sees the padded [rows, widt
 batch follows its real tokens, however unevenly its rows are sized. The padded layout is the same
 computation in fixed shapes, for export.
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,7 +43,9 @@ class Layout:
         self.slots = mask.reshape(-1).nonzero().squeeze(1)
         filler = bucket_tokens(len(self.slots)) - len(self.slots) if bucket else 0
         # the slots, then repeats of slot 0 as filler up to a bucketed count
-        self.gather = torch.cat([self.slots, self.slots[:1].expand(filler)]) if filler and len(self.slots) else self.slots
+        self.gather = (
+            torch.cat([self.slots, self.slots[:1].expand(filler)]) if filler and len(self.slots) else self.slots
+        )
         full = len(self.slots) == self.rows * self.width  # one row, or rows of equal length: nothing to mask
         self.bias = None if full else _attention_bias(mask, dtype)
         self.lengths = mask.sum(1, keepdim=True)
@@ -98,8 +101,13 @@ class _SelfAttention(nn.Module):
         def split(t: torch.Tensor) -> torch.Tensor:  # packed -> [rows, heads, width, head_dim]
             return layout.unpack(t).view(layout.rows, layout.width, self.heads, hidden // self.heads).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(split(self.query(x)), split(self.key(x)), split(self.value(x)),
-                                             attn_mask=layout.bias, dropout_p=self.dropout if self.training else 0.0)
+        out = F.scaled_dot_product_attention(
+            split(self.query(x)),
+            split(self.key(x)),
+            split(self.value(x)),
+            attn_mask=layout.bias,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
         return layout.pack(out.transpose(1, 2))
 
 
@@ -173,7 +181,9 @@ class MiniLMEncoder(nn.Module):
     def __init__(self, cfg: dict, normalize: bool = True):
         super().__init__()
         if cfg.get("model_type") != "bert" or cfg.get("hidden_act") != "gelu":
-            raise ValueError(f"unsupported encoder: model_type={cfg.get('model_type')!r} hidden_act={cfg.get('hidden_act')!r}")
+            raise ValueError(
+                f"unsupported encoder: model_type={cfg.get('model_type')!r} hidden_act={cfg.get('hidden_act')!r}"
+            )
         dropout = float(cfg.get("hidden_dropout_prob", 0.0))
         self.embeddings = _Embeddings(cfg, dropout)
         self.encoder = _Encoder(cfg, dropout)
@@ -212,7 +222,9 @@ class MultiTaskModel(nn.Module):
     def __init__(self, encoder_cfg: dict, task_sizes: dict[str, int], normalize: bool = True):
         super().__init__()
         self.encoder = MiniLMEncoder(encoder_cfg, normalize)
-        self.heads = nn.ModuleDict({name: nn.Linear(encoder_cfg["hidden_size"], size) for name, size in task_sizes.items()})
+        self.heads = nn.ModuleDict(
+            {name: nn.Linear(encoder_cfg["hidden_size"], size) for name, size in task_sizes.items()}
+        )
 
     def logits(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: head(embedding) for name, head in self.heads.items()}

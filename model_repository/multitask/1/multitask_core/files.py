@@ -1,4 +1,5 @@
 """The files of a model-repository version folder, and the check that they are the ones the build wrote."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,12 +12,19 @@ TOKENIZER_FILE = "tokenizer.json"
 ENCODER_CONFIG_FILE = "encoder_config.json"
 ONNX_FILE = "model.onnx"  # onnxruntime runtime: float32, padded [rows, width] inputs
 OPENVINO_FILE = "model_int8.xml"  # openvino runtime: the ONNX graph quantized to int8 (weights in .bin beside it)
+INT8_SETTINGS_FILE = "model_int8.json"  # how the int8 graph was made, and the margin of its float32 recheck
 MANIFEST_FILE = "manifest.json"
 METRICS_FILE = "metrics.json"
 MODEL_CARD_FILE = "MODEL_CARD.md"
 # Source files Triton runs: model.py and this package; the manifest covers them too.
 MODEL_FILE = "model.py"
 CORE_PACKAGE = "multitask_core"
+
+
+def read_int8_settings(folder: Path) -> dict:
+    """The int8 graph's settings ({"plan", "recheck_margin", ...}); {} for a graph built without them."""
+    path = folder / INT8_SETTINGS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 class ArtifactError(RuntimeError):

@@ -9,6 +9,7 @@ changed: never one per row. For the same reason the two histograms are published
 
 Nothing here imports Triton: tests drive it with their own `send`.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,26 +50,47 @@ class Family:
 
 
 PREDICTIONS = Family("mtl_predictions_total", "counter", "Rows scored, by task and predicted (arg-max) label")
-TOP_PROBABILITY_BUCKET = Family("mtl_top_probability_bucket", "counter",
-                                "Rows whose top calibrated probability is <= le, by task (histogram buckets)")
+TOP_PROBABILITY_BUCKET = Family(
+    "mtl_top_probability_bucket",
+    "counter",
+    "Rows whose top calibrated probability is <= le, by task (histogram buckets)",
+)
 TOP_PROBABILITY_SUM = Family("mtl_top_probability_sum", "counter", "Sum of the top calibrated probability, by task")
 TOP_PROBABILITY_COUNT = Family("mtl_top_probability_count", "counter", "Rows in the top-probability histogram, by task")
 TRUNCATED_ROWS = Family("mtl_truncated_rows_total", "counter", "Rows cut to the token budget (TRUNCATED=true)")
-REQUEST_ROWS_BUCKET = Family("mtl_request_rows_bucket", "counter",
-                             "Accepted requests with at most le rows (histogram buckets)")
+REQUEST_ROWS_BUCKET = Family(
+    "mtl_request_rows_bucket", "counter", "Accepted requests with at most le rows (histogram buckets)"
+)
 REQUEST_ROWS_SUM = Family("mtl_request_rows_sum", "counter", "Rows in accepted requests")
 REQUEST_ROWS_COUNT = Family("mtl_request_rows_count", "counter", "Accepted requests")
-REJECTED_REQUESTS = Family("mtl_rejected_requests_total", "counter",
-                           "Requests refused with INVALID_ARG by the model, by reason")
-FAILED_REQUESTS = Family("mtl_failed_requests_total", "counter",
-                         "Accepted requests answered INTERNAL because inference failed")
-EXPECTED_LABEL_SHARE = Family("mtl_expected_label_share", "gauge",
-                              "Share of each predicted label on the validation split (metrics.json)")
-EXPECTED_TOP_PROBABILITY_MEDIAN = Family("mtl_expected_top_probability_median", "gauge",
-                                         "Median top calibrated probability on the validation split (metrics.json)")
-FAMILIES = (PREDICTIONS, TOP_PROBABILITY_BUCKET, TOP_PROBABILITY_SUM, TOP_PROBABILITY_COUNT, TRUNCATED_ROWS,
-            REQUEST_ROWS_BUCKET, REQUEST_ROWS_SUM, REQUEST_ROWS_COUNT, REJECTED_REQUESTS, FAILED_REQUESTS,
-            EXPECTED_LABEL_SHARE, EXPECTED_TOP_PROBABILITY_MEDIAN)
+REJECTED_REQUESTS = Family(
+    "mtl_rejected_requests_total", "counter", "Requests refused with INVALID_ARG by the model, by reason"
+)
+FAILED_REQUESTS = Family(
+    "mtl_failed_requests_total", "counter", "Accepted requests answered INTERNAL because inference failed"
+)
+EXPECTED_LABEL_SHARE = Family(
+    "mtl_expected_label_share", "gauge", "Share of each predicted label on the validation split (metrics.json)"
+)
+EXPECTED_TOP_PROBABILITY_MEDIAN = Family(
+    "mtl_expected_top_probability_median",
+    "gauge",
+    "Median top calibrated probability on the validation split (metrics.json)",
+)
+FAMILIES = (
+    PREDICTIONS,
+    TOP_PROBABILITY_BUCKET,
+    TOP_PROBABILITY_SUM,
+    TOP_PROBABILITY_COUNT,
+    TRUNCATED_ROWS,
+    REQUEST_ROWS_BUCKET,
+    REQUEST_ROWS_SUM,
+    REQUEST_ROWS_COUNT,
+    REJECTED_REQUESTS,
+    FAILED_REQUESTS,
+    EXPECTED_LABEL_SHARE,
+    EXPECTED_TOP_PROBABILITY_MEDIAN,
+)
 
 
 @dataclass(frozen=True)
@@ -128,25 +150,29 @@ class ServingMetrics:
     Thread-safe: execute records, the flusher drains.
     """
 
-    def __init__(self, tasks: Sequence[tuple[str, Sequence[str]]], max_batch_size: int,
-                 constant_labels: Mapping[str, str]):
+    def __init__(
+        self, tasks: Sequence[tuple[str, Sequence[str]]], max_batch_size: int, constant_labels: Mapping[str, str]
+    ):
         self.tasks = [(name, tuple(labels)) for name, labels in tasks]
         self.constant = tuple(sorted(constant_labels.items()))
         self.rows_bounds = np.array(request_rows_buckets(max_batch_size), dtype=np.float64)
         self.top_bounds = np.array(TOP_PROBABILITY_BUCKETS, dtype=np.float64)
         self._series: list[Series] = []
         # Slot layout, in the order below, so that one bincount fills each block for every task at once.
-        self._labels = self._block(PREDICTIONS,
-                                   [{"task": n, "label": label} for n, labels in self.tasks for label in labels])
+        self._labels = self._block(
+            PREDICTIONS, [{"task": n, "label": label} for n, labels in self.tasks for label in labels]
+        )
         self._label_offsets = np.cumsum([0] + [len(labels) for _, labels in self.tasks[:-1]])
         top_bounds = (*TOP_PROBABILITY_BUCKETS, math.inf)
-        self._top = self._block(TOP_PROBABILITY_BUCKET,
-                                [{"task": n, "le": le_label(b)} for n, _ in self.tasks for b in top_bounds])
+        self._top = self._block(
+            TOP_PROBABILITY_BUCKET, [{"task": n, "le": le_label(b)} for n, _ in self.tasks for b in top_bounds]
+        )
         self._top_sum = self._block(TOP_PROBABILITY_SUM, [{"task": n} for n, _ in self.tasks])
         self._top_count = self._block(TOP_PROBABILITY_COUNT, [{"task": n} for n, _ in self.tasks])
         self._truncated = self._block(TRUNCATED_ROWS, [{}])
-        self._rows = self._block(REQUEST_ROWS_BUCKET,
-                                 [{"le": le_label(b)} for b in (*self.rows_bounds.tolist(), math.inf)])
+        self._rows = self._block(
+            REQUEST_ROWS_BUCKET, [{"le": le_label(b)} for b in (*self.rows_bounds.tolist(), math.inf)]
+        )
         self._rows_sum = self._block(REQUEST_ROWS_SUM, [{}])
         self._rows_count = self._block(REQUEST_ROWS_COUNT, [{}])
         rejected = self._block(REJECTED_REQUESTS, [{"reason": r} for r in REJECTION_REASONS])
@@ -167,8 +193,13 @@ class ServingMetrics:
         """Every counter series, in slot order: model.py creates each one up front, so all show 0 at start."""
         return list(self._series)
 
-    def record_batch(self, probabilities: Mapping[str, np.ndarray], truncated: np.ndarray,
-                     rows_per_request: Sequence[int], counted: Sequence[bool] | None = None) -> None:
+    def record_batch(
+        self,
+        probabilities: Mapping[str, np.ndarray],
+        truncated: np.ndarray,
+        rows_per_request: Sequence[int],
+        counted: Sequence[bool] | None = None,
+    ) -> None:
         """One execute's accepted rows: probabilities [rows, labels] per task, truncation flags, request sizes;
         `counted` (one flag per request) leaves out the rows of requests that are not traffic."""
         sizes = list(rows_per_request)
@@ -213,8 +244,9 @@ class ServingMetrics:
         update[self._top_count] = rows
         update[self._truncated] = sum(int(np.count_nonzero(entry[2])) for entry in queue)
         sizes = np.array([size for entry in queue for size in entry[3]], dtype=np.float64)
-        update[self._rows] = np.bincount(np.searchsorted(self.rows_bounds, sizes, side="left"),
-                                         minlength=len(self.rows_bounds) + 1).cumsum()
+        update[self._rows] = np.bincount(
+            np.searchsorted(self.rows_bounds, sizes, side="left"), minlength=len(self.rows_bounds) + 1
+        ).cumsum()
         update[self._rows_sum] = sizes.sum()
         update[self._rows_count] = len(sizes)
         with self._lock:
@@ -257,8 +289,9 @@ class DisabledMetrics:
         return []
 
 
-def expected_gauges_in(folder: Path, tasks: Sequence[tuple[str, Sequence[str]]],
-                       constant_labels: Mapping[str, str]) -> tuple[list[tuple[Series, float]], list[str]]:
+def expected_gauges_in(
+    folder: Path, tasks: Sequence[tuple[str, Sequence[str]]], constant_labels: Mapping[str, str]
+) -> tuple[list[tuple[Series, float]], list[str]]:
     """expected_gauges of the version folder's metrics.json; a missing or unreadable file is one problem."""
     try:
         recorded = json.loads((Path(folder) / "metrics.json").read_text(encoding="utf-8"))
@@ -267,8 +300,9 @@ def expected_gauges_in(folder: Path, tasks: Sequence[tuple[str, Sequence[str]]],
     return expected_gauges(recorded if isinstance(recorded, dict) else {}, tasks, constant_labels)
 
 
-def expected_gauges(metrics_json: Mapping, tasks: Sequence[tuple[str, Sequence[str]]],
-                    constant_labels: Mapping[str, str]) -> tuple[list[tuple[Series, float]], list[str]]:
+def expected_gauges(
+    metrics_json: Mapping, tasks: Sequence[tuple[str, Sequence[str]]], constant_labels: Mapping[str, str]
+) -> tuple[list[tuple[Series, float]], list[str]]:
     """Gauges from the build's metrics.json: ([(series, value)], [what was missing])."""
     constant = dict(constant_labels)
     gauges, missing = [], []
@@ -281,22 +315,28 @@ def expected_gauges(metrics_json: Mapping, tasks: Sequence[tuple[str, Sequence[s
         else:
             for label in labels:
                 value = task_shares.get(label, 0.0)
-                gauges.append((Series(EXPECTED_LABEL_SHARE,
-                                      tuple(sorted({**constant, "task": name, "label": label}.items()))), float(value)))
+                gauges.append(
+                    (
+                        Series(EXPECTED_LABEL_SHARE, tuple(sorted({**constant, "task": name, "label": label}.items()))),
+                        float(value),
+                    )
+                )
         median = median_from_bins((validation.get(name) or {}).get("reliability") or [])
         if median is None:
             missing.append(f"validation.tasks.{name}.reliability")
         else:
-            gauges.append((Series(EXPECTED_TOP_PROBABILITY_MEDIAN,
-                                  tuple(sorted({**constant, "task": name}.items()))), median))
+            gauges.append(
+                (Series(EXPECTED_TOP_PROBABILITY_MEDIAN, tuple(sorted({**constant, "task": name}.items()))), median)
+            )
     return gauges, missing
 
 
 def median_from_bins(bins: Iterable[Mapping]) -> float | None:
     """The median confidence of reliability bins ({low, high, rows}), interpolated inside its bin the way
     Prometheus' histogram_quantile interpolates inside a bucket, so live and expected medians compare."""
-    usable = sorted((float(b["low"]), float(b["high"]), int(b.get("rows") or 0))
-                    for b in bins if "low" in b and "high" in b)
+    usable = sorted(
+        (float(b["low"]), float(b["high"]), int(b.get("rows") or 0)) for b in bins if "low" in b and "high" in b
+    )
     total = sum(rows for _, _, rows in usable)
     if total == 0:
         return None
@@ -314,8 +354,13 @@ class Flusher:
     A failed send is reported to `on_error` and dropped. `stop()` sends what is left.
     """
 
-    def __init__(self, metrics: ServingMetrics | DisabledMetrics, send: Callable[[Series, float], None],
-                 interval_s: float = FLUSH_INTERVAL_S, on_error: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        metrics: ServingMetrics | DisabledMetrics,
+        send: Callable[[Series, float], None],
+        interval_s: float = FLUSH_INTERVAL_S,
+        on_error: Callable[[str], None] | None = None,
+    ):
         self.metrics, self.send, self.interval_s, self.on_error = metrics, send, interval_s, on_error
         self.flushes = self.sends = 0
         self.send_seconds = 0.0
@@ -335,7 +380,7 @@ class Flusher:
                 started = time.perf_counter()
                 try:
                     self.send(series, delta)
-                except Exception as exc:  # noqa: BLE001 - one refused update must not stop the others
+                except Exception as exc:  # one refused update must not stop the others
                     if self.on_error is not None:
                         self.on_error(f"metric {series.family.name}{series.label_dict} +{delta}: {exc!r}")
                 self.send_seconds += time.perf_counter() - started
@@ -357,5 +402,7 @@ class Flusher:
 
     def describe(self) -> str:
         per_send = self.send_seconds / self.sends * 1e6 if self.sends else 0.0
-        return (f"{self.flushes} flushes, {self.sends} metric updates, {self.send_seconds * 1e3:.1f} ms sending "
-                f"({per_send:.0f} us per update)")
+        return (
+            f"{self.flushes} flushes, {self.sends} metric updates, {self.send_seconds * 1e3:.1f} ms sending "
+            f"({per_send:.0f} us per update)"
+        )

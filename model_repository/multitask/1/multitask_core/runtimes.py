@@ -3,6 +3,7 @@
 Each takes a tokenized Batch and returns per-task probabilities. Tokenization, chunking, truncation flags and
 errors are the served-model object's, shared by all of them.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,11 +52,13 @@ class Runtime:
         return self.name
 
     def run(self, batch: Batch) -> dict[str, np.ndarray]:
-        lengths = batch.lengths
+        return self._chunked(batch.ids, batch.mask, batch.lengths, self._forward)
+
+    def _chunked(self, ids: np.ndarray, mask: np.ndarray, lengths: np.ndarray, forward) -> dict[str, np.ndarray]:
         out = {name: np.empty((len(lengths), size), dtype=np.float32) for name, size in self.task_sizes.items()}
         for rows in plan_chunks(lengths, self.token_cap):
             width = int(lengths[rows[0]])
-            for name, probs in self._forward(batch.ids[rows, :width], batch.mask[rows, :width]).items():
+            for name, probs in forward(ids[rows, :width], mask[rows, :width]).items():
                 out[name][rows] = probs
         return out
 
@@ -82,27 +85,65 @@ class TorchRuntime(Runtime):
         return {name: probs.cpu().numpy() for name, probs in self.model(ids_t, mask_t).items()}
 
 
+def near_ties(probabilities: dict[str, np.ndarray], margin: float) -> np.ndarray:
+    """Rows where, for some task, the two most likely labels are less than `margin` apart: where int8 rounding
+    can swap them."""
+    rows = len(next(iter(probabilities.values())))
+    close = np.zeros(rows, dtype=bool)
+    for probs in probabilities.values():
+        top_two = np.partition(probs, -2, axis=1)[:, -2:]
+        close |= (top_two[:, 1] - top_two[:, 0]) < margin
+    return close
+
+
 class OpenVINORuntime(Runtime):
     name = "openvino"
 
-    def __init__(self, model, task_sizes: dict[str, int], threads: int, token_cap: int):
-        """`model`: the IR file's path, or an in-memory openvino.Model (the build checks one before saving it)."""
+    def __init__(self, model, task_sizes: dict[str, int], threads: int, token_cap: int, float_model=None, margin=0.0):
+        """`model`: the int8 IR file's path, or an in-memory openvino.Model (the build checks one before saving it).
+        With `float_model` (the float32 graph) and a `margin`, rows the int8 graph calls a near tie (its two most
+        likely labels of a task less than `margin` apart) are run again in float32, whose answer is kept."""
         import openvino as ov
 
         super().__init__(task_sizes, token_cap)
+        core = ov.Core()
         # LATENCY: one stream with all of this instance's threads; Triton's instances give the parallelism.
-        self.compiled = ov.Core().compile_model(model, "CPU",
-                                                {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+        settings = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+        self.compiled = core.compile_model(model, "CPU", settings)
         self.request = self.compiled.create_infer_request()
+        self.margin = margin if float_model is not None else 0.0
+        if self.margin > 0:
+            # f32, not the CPU plugin's default bfloat16 on a CPU that has it: the recheck must give float32 labels.
+            self.float_compiled = core.compile_model(float_model, "CPU", settings | {"INFERENCE_PRECISION_HINT": "f32"})
+            self.float_request = self.float_compiled.create_infer_request()
         self.threads = threads
         self.version = ov.get_version().split("-")[0]
+        self.rows_seen = self.rows_rechecked = 0
 
     def describe(self) -> str:
-        return f"openvino int8 on CPU ({self.threads} threads, OpenVINO {self.version})"
+        recheck = f", near ties (margin {self.margin:g}) run again in float32" if self.margin > 0 else ""
+        return f"openvino int8 on CPU ({self.threads} threads, OpenVINO {self.version}){recheck}"
+
+    def run(self, batch: Batch) -> dict[str, np.ndarray]:
+        out = super().run(batch)
+        self.rows_seen += len(batch.lengths)
+        if self.margin > 0:
+            rows = np.flatnonzero(near_ties(out, self.margin))
+            if len(rows):
+                again = self._chunked(batch.ids[rows], batch.mask[rows], batch.lengths[rows], self._forward_float)
+                for name in out:
+                    out[name][rows] = again[name]
+                self.rows_rechecked += len(rows)
+        return out
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-        results = self.request.infer({"ids": ids, "mask": mask})
-        return {name: np.asarray(results[self.compiled.output(name)], dtype=np.float32) for name in self.task_sizes}
+        return self._outputs(self.compiled, self.request.infer({"ids": ids, "mask": mask}))
+
+    def _forward_float(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        return self._outputs(self.float_compiled, self.float_request.infer({"ids": ids, "mask": mask}))
+
+    def _outputs(self, compiled, results) -> dict[str, np.ndarray]:
+        return {name: np.asarray(results[compiled.output(name)], dtype=np.float32) for name in self.task_sizes}
 
 
 class OnnxRuntime(Runtime):
@@ -115,7 +156,9 @@ class OnnxRuntime(Runtime):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+        providers = (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+        )
         self.session = ort.InferenceSession(str(folder / files.ONNX_FILE), options, providers=providers)
         self.provider = self.session.get_providers()[0]
 
@@ -145,8 +188,16 @@ def pick_runtime(setting: str, device: torch.device, folder: Path) -> str:
     return "torch"
 
 
-def open_runtime(folder: Path, spec: ServingSpec, *, runtime: str | None = None, device: str | None = None,
-                 precision: str | None = None, threads: int | None = None, token_cap: int | None = None) -> Runtime:
+def open_runtime(
+    folder: Path,
+    spec: ServingSpec,
+    *,
+    runtime: str | None = None,
+    device: str | None = None,
+    precision: str | None = None,
+    threads: int | None = None,
+    token_cap: int | None = None,
+) -> Runtime:
     """The runtime the spec asks for (arguments override it), with its device, dtype, threads and token cap."""
     torch_device = pick_device(device or spec.device)
     chosen = pick_runtime(runtime or spec.runtime, torch_device, folder)
@@ -160,7 +211,16 @@ def open_runtime(folder: Path, spec: ServingSpec, *, runtime: str | None = None,
     if chosen == "openvino":
         if torch_device.type != "cpu":
             raise ValueError("runtime openvino runs on the CPU only; set serving.device: cpu or another runtime")
-        return OpenVINORuntime(str(folder / files.OPENVINO_FILE), {t.name: len(t.labels) for t in spec.tasks}, threads, cap)
+        settings = files.read_int8_settings(folder)
+        margin = float(settings.get("recheck_margin", 0.0))
+        return OpenVINORuntime(
+            str(folder / files.OPENVINO_FILE),
+            {t.name: len(t.labels) for t in spec.tasks},
+            threads,
+            cap,
+            float_model=str(folder / files.ONNX_FILE) if margin > 0 else None,
+            margin=margin,
+        )
     if chosen == "onnxruntime":
         return OnnxRuntime(folder, spec, torch_device, threads, cap)
     raise ValueError(f"unknown runtime {chosen!r}")

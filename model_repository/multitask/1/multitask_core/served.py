@@ -1,4 +1,5 @@
 """The served model: one object that opens a version folder and owns everything between text and labels."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ class ServedModel:
         self.folder, self.spec, self.text, self.runtime = folder, spec, text, runtime
 
     @classmethod
-    def open(cls, folder: Path, model_config: dict, *, verify: bool = True, **overrides) -> "ServedModel":
+    def open(cls, folder: Path, model_config: dict, *, verify: bool = True, **overrides) -> ServedModel:
         """`model_config` is the dict Triton hands model.py (mtl_build.pbtxt.read_config gives the same).
         `overrides` (runtime, device, precision, threads, token_cap) replace what the config says."""
         folder = Path(folder)
@@ -48,8 +49,10 @@ class ServedModel:
         return self.text.max_tokens
 
     def describe(self) -> str:
-        return (f"{self.runtime.describe()}, tokens per forward {self.runtime.token_cap}, "
-                f"max_tokens {self.max_tokens}, tasks {self.task_names}")
+        return (
+            f"{self.runtime.describe()}, tokens per forward {self.runtime.token_cap}, "
+            f"max_tokens {self.max_tokens}, tasks {self.task_names}"
+        )
 
     def decode(self, raw: np.ndarray) -> list[str]:
         """One request's BYTES tensor as texts, within the request byte budget (RowError names a bad row)."""
@@ -71,8 +74,10 @@ class ServedModel:
                 parts[name].append(probs)
             flags.append(batch.truncated)
         if not texts:
-            return Scores({name: np.zeros((0, len(t.labels)), np.float32) for name, t in zip(self.task_names, self.spec.tasks)},
-                          np.zeros(0, bool))
+            return Scores(
+                {name: np.zeros((0, len(t.labels)), np.float32) for name, t in zip(self.task_names, self.spec.tasks)},
+                np.zeros(0, bool),
+            )
         return Scores({name: np.concatenate(chunks) for name, chunks in parts.items()}, np.concatenate(flags))
 
 

@@ -3,6 +3,7 @@
 The build writes these as config.pbtxt parameters; Triton hands model.py the same config as a dict, and
 the build, the tools and the tests read config.pbtxt back into that dict before opening a model.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,7 @@ class ServingSpec:
     threads: int = 0  # threads of one CPU instance; 0 = the cores split between the instances
 
     @classmethod
-    def from_model_config(cls, model_config: dict) -> "ServingSpec":
+    def from_model_config(cls, model_config: dict) -> ServingSpec:
         params = {key: value["string_value"] for key, value in model_config.get("parameters", {}).items()}
         instances = sum(int(group.get("count", 1)) for group in model_config.get("instance_group", [])) or 1
         try:
@@ -54,7 +55,9 @@ class ServingSpec:
                 int(params.get("threads", "0")),
             )
         except (KeyError, ValueError, TypeError) as exc:
-            raise ValueError(f"model config parameters are incomplete or malformed ({exc!r}); rebuild with mtl-build") from exc
+            raise ValueError(
+                f"model config parameters are incomplete or malformed ({exc!r}); rebuild with mtl-build"
+            ) from exc
         if spec.threads < 0:
             raise ValueError(f"model config parameter threads is {spec.threads}; expected 0 (auto) or more")
         if spec.runtime not in RUNTIMES:

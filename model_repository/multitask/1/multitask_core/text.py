@@ -3,6 +3,7 @@
 `TextEncoder` owns the whole path from a request's string to token ids, so the limit is held once. Training
 and serving both go through it: the model only ever sees normalised text.
 """
+
 from __future__ import annotations
 
 import html
@@ -114,8 +115,10 @@ def decode_texts(raw: np.ndarray, max_bytes: int | None = None) -> list[str]:
     if max_bytes is not None:
         size = sum(len(value) for value in rows)
         if size > max_bytes:
-            raise RequestTooLarge(f"the request holds {size:,} bytes of text, more than the {max_bytes:,} this model "
-                                  "accepts in one request: send fewer rows per request")
+            raise RequestTooLarge(
+                f"the request holds {size:,} bytes of text, more than the {max_bytes:,} this model "
+                "accepts in one request: send fewer rows per request"
+            )
     texts = []
     for index, value in enumerate(rows):
         if isinstance(value, str):
@@ -157,11 +160,16 @@ class TextEncoder:
         self.tokenizer.enable_padding(pad_id=self.tokenizer.token_to_id("[PAD]") or 0, pad_token="[PAD]")
 
     def encode(self, texts: list[str]) -> Batch:
-        normalized = [normalize_text(text) for text in texts]
-        encodings = self.tokenizer.encode_batch([text[: self.max_chars] for text in normalized])
+        clipped, cut = [], []
+        for text in texts:
+            # Leading padding is stripped before the clip, so it cannot push the content past it; the raw text is
+            # clipped before normalising, so a huge one costs no more than a long one.
+            raw = text.lstrip()
+            normalized = normalize_text(raw[: self.max_chars])
+            clipped.append(normalized[: self.max_chars])
+            cut.append(len(raw) > self.max_chars or len(normalized) > self.max_chars)
+        encodings = self.tokenizer.encode_batch(clipped)
         ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(texts), -1)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64).reshape(len(texts), -1)
-        truncated = np.array(
-            [bool(e.overflowing) or len(text) > self.max_chars for e, text in zip(encodings, normalized)], dtype=bool
-        )
+        truncated = np.array([bool(e.overflowing) or was_cut for e, was_cut in zip(encodings, cut)], dtype=bool)
         return Batch(ids, mask, truncated)

@@ -1,6 +1,6 @@
 """What model.py's mtl_* metrics cost per request: measured with and without them, in the same run.
 
-    .venv/bin/python benchmarks/metrics_overhead.py --repository model_repository [--out result.json]
+    .venv/bin/python -m mtl_tools.bench.metrics_overhead --repository model_repository [--out result.json]
 
 1. In process: the served model (multitask_core.ServedModel) runs execute-sized batches; each batch is timed
    with record_batch (what execute adds) and without it, alternately; record_batch alone is timed too, and so
@@ -10,6 +10,7 @@
    model.py logs how many metric updates its flusher sent and what they cost (each one is an IPC round trip
    to the Triton process, off the request path but holding the stub's GIL).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,14 +72,19 @@ def in_process(version: Path, sizes: list[int], rounds: int) -> list[dict]:
         drained = tally.drain()  # the flusher's share: bucketing every execute queued since the last flush
         drain_s = time.perf_counter() - drain_started
         median = {key: statistics.median(values) for key, values in timings.items()}
-        results.append({
-            "rows_per_execute": rows, "executes": rounds,
-            "median_ms_with": round(median["with"] * 1e3, 3), "median_ms_without": round(median["without"] * 1e3, 3),
-            "ratio_with_to_without": round(median["with"] / median["without"], 4),
-            "median_record_us": round(median["counting"] * 1e6, 1),
-            "record_share_of_execute": round(median["counting"] / median["without"], 5),
-            "drain_ms_for_all_executes": round(drain_s * 1e3, 3), "series_changed": len(drained),
-        })
+        results.append(
+            {
+                "rows_per_execute": rows,
+                "executes": rounds,
+                "median_ms_with": round(median["with"] * 1e3, 3),
+                "median_ms_without": round(median["without"] * 1e3, 3),
+                "ratio_with_to_without": round(median["with"] / median["without"], 4),
+                "median_record_us": round(median["counting"] * 1e6, 1),
+                "record_share_of_execute": round(median["counting"] / median["without"], 5),
+                "drain_ms_for_all_executes": round(drain_s * 1e3, 3),
+                "series_changed": len(drained),
+            }
+        )
         print(f"in-process, {rows:>3} rows/execute: {results[-1]}", flush=True)
     return results
 
@@ -90,14 +96,16 @@ def start_server(repository: Path, metrics_on: bool, log_file: Path):
     os.environ[ENV_SWITCH] = "on" if metrics_on else "off"
     try:
         # No watchdog: its canary inferences would be extra traffic in one arm or the other.
-        return LocalTriton(repository, grpc_port=0, http_port=0, metrics_port=0, watchdog=False,
-                           log_file=log_file).start()
+        return LocalTriton(
+            repository, grpc_port=0, http_port=0, metrics_port=0, watchdog=False, log_file=log_file
+        ).start()
     finally:
         os.environ.pop(ENV_SWITCH, None)
 
 
-def paired(repository: Path, sizes: list[int], requests: int,
-           arms: tuple[tuple[str, bool], tuple[str, bool]]) -> list[dict]:
+def paired(
+    repository: Path, sizes: list[int], requests: int, arms: tuple[tuple[str, bool], tuple[str, bool]]
+) -> list[dict]:
     """Two servers at once (`arms`: (name, metrics on)), sent the same request in turn: load on the shared
     machine hits both alike, and each pair of latencies is one sample of the ratio first / second."""
     import tritonclient.grpc as grpcclient
@@ -117,19 +125,24 @@ def paired(repository: Path, sizes: list[int], requests: int,
                         client.infer(model, [tensor])  # warm-up
                 latency = {first: [], second: []}
                 for index in range(requests):
-                    for name in ((first, second) if index % 2 == 0 else (second, first)):
+                    for name in (first, second) if index % 2 == 0 else (second, first):
                         sent = time.perf_counter()
                         clients[name].infer(model, [tensor])
                         latency[name].append(time.perf_counter() - sent)
                 ratios = [a / b for a, b in zip(latency[first], latency[second], strict=True)]
-                results.append({
-                    "pair": f"{first}/{second}", "rows_per_request": rows, "requests_per_arm": requests,
-                    f"p50_ms_{first}": round(statistics.median(latency[first]) * 1e3, 3),
-                    f"p50_ms_{second}": round(statistics.median(latency[second]) * 1e3, 3),
-                    "median_paired_ratio": round(statistics.median(ratios), 4),
-                    "mean_latency_ratio": round(
-                        statistics.fmean(latency[first]) / statistics.fmean(latency[second]), 4),
-                })
+                results.append(
+                    {
+                        "pair": f"{first}/{second}",
+                        "rows_per_request": rows,
+                        "requests_per_arm": requests,
+                        f"p50_ms_{first}": round(statistics.median(latency[first]) * 1e3, 3),
+                        f"p50_ms_{second}": round(statistics.median(latency[second]) * 1e3, 3),
+                        "median_paired_ratio": round(statistics.median(ratios), 4),
+                        "mean_latency_ratio": round(
+                            statistics.fmean(latency[first]) / statistics.fmean(latency[second]), 4
+                        ),
+                    }
+                )
                 print(f"server {first}/{second}, {rows:>3} rows/request: {results[-1]}", flush=True)
             for client in clients.values():
                 client.close()
@@ -143,9 +156,16 @@ def paired(repository: Path, sizes: list[int], requests: int,
                 continue
             flusher = FLUSHER_LOG.findall(log)
             updates, send_ms = sum(int(f[1]) for f in flusher), sum(float(f[2]) for f in flusher)
-            results.append({"flusher_of": name, "instances": len(flusher), "flushes": sum(int(f[0]) for f in flusher),
-                            "updates": updates, "ms_sending": round(send_ms, 1),
-                            "us_per_update": round(send_ms * 1e3 / updates, 1) if updates else None})
+            results.append(
+                {
+                    "flusher_of": name,
+                    "instances": len(flusher),
+                    "flushes": sum(int(f[0]) for f in flusher),
+                    "updates": updates,
+                    "ms_sending": round(send_ms, 1),
+                    "us_per_update": round(send_ms * 1e3 / updates, 1) if updates else None,
+                }
+            )
             print(f"server flusher: {results[-1]}", flush=True)
     return results
 
@@ -173,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         repository = args.repository.resolve()
         result["server"] = paired(repository, server_sizes, args.requests, (("on", True), ("off", False)))
         if not args.no_control:  # two identical servers: how far apart two arms are with no difference at all
-            result["server_control"] = paired(repository, server_sizes, args.requests,
-                                              (("off_a", False), ("off_b", False)))
+            result["server_control"] = paired(
+                repository, server_sizes, args.requests, (("off_a", False), ("off_b", False))
+            )
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.write_text(text + "\n")
