@@ -39,6 +39,8 @@ def write_project(
     # A heads-only model on a small subset has narrow margins: int8 flips more of its labels than it does the
     # shipped joint model's, so the tests' project holds its graphs to a lower bar (the machinery is the same).
     raw["serving"].update(precision="float32", runtime="torch", min_label_agreement=0.97)
+    # Two instances, whatever the shipped layout: the reliability tests kill one stub while the other serves.
+    raw["serving"]["instance_count"] = 2
     edit(raw)
     config = folder / "config.yaml"
     config.write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -132,7 +132,7 @@ class ServingConfig(_Strict):
     max_batch_size: int = Field(256, ge=1, le=4096)
     max_queue_delay_microseconds: int = Field(2000, ge=0)
     preferred_batch_sizes: list[int] = [64, 128, 256]
-    instance_count: int = Field(2, ge=1, le=64)
+    instance_count: int = Field(1, ge=1, le=64)
     output_filename: str = "{task}_predictions.csv"
 
     @field_validator("output_filename")

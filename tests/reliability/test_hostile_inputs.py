@@ -396,7 +396,9 @@ def test_chunked_body_is_refused(rel_server, stub, served, same_process):
         f"POST {infer_path(served.model)} HTTP/1.1\r\nHost: {rel_server.host}\r\nTransfer-Encoding: chunked\r\n"
         "Content-Type: application/json\r\nConnection: close\r\n\r\n"
     )
-    answer = _raw_http(rel_server, head, [b"1\r\n{\r\n" * 1000, b"0\r\n\r\n"])
+    # The guard answers on the header alone and closes; body bytes still in flight would race that close (the
+    # reset can drop the answer), so the body is not sent.
+    answer = _raw_http(rel_server, head, [])
     assert answer.startswith(b"HTTP/1.1 411"), answer[:200]
     assert_serving(rel_server, stub, served)
 
