@@ -6,8 +6,6 @@ the cache check) runs without importing torch, so a mistake is reported at once.
 
 from __future__ import annotations
 
-import os
-import platform
 import shutil
 import sys
 import time
@@ -146,23 +144,10 @@ def _stamped(log, started: float):
 
 
 def machine() -> str:
-    """The CPU's model name, the features that decide bfloat16 and int8 speed, and the core count, for the model
-    card's figures (platform.processor() is often empty)."""
-    cpu, features = platform.machine(), []
-    try:
-        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
-        info = {key.strip(): value.strip() for key, value in info.items()}
-        cpu, flags = info.get("model name", cpu), set(info.get("flags", "").split())
-        named = (("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX"))
-        features = [name for flag, name in named if flag in flags]
-    except OSError:
-        pass
-    shown = (
-        f" ({', '.join(features)}; no AMX)"
-        if features and "AMX" not in features
-        else (f" ({', '.join(features)})" if features else "")
-    )
-    return f"{cpu}{shown}, {os.cpu_count()} cores"
+    """The CPU by name, generation and the features that decide bfloat16/int8 speed: one description, the tools'."""
+    from mtl_tools.machine import describe_cpu
+
+    return describe_cpu()["summary"]
 
 
 def remove_staging(path: Path) -> None:

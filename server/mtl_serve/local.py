@@ -242,6 +242,8 @@ class LocalTriton:
     # Called with each watchdog event (a one-line message); events are also kept in `events`.
     on_event: Callable[[str], None] | None = field(default=None, repr=False)
     process: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    # The models check_setup() found, so that start() right after it does not probe the stub environment again.
+    _checked_names: list[str] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.model_repository = Path(self.model_repository).resolve()
@@ -406,8 +408,7 @@ class LocalTriton:
         return names
 
     def start(self) -> LocalTriton:
-        # mtl-serve checks first (to refuse before it says "starting"); the stub-environment probe takes seconds.
-        names = getattr(self, "_checked_names", None) or self.check_setup()
+        names = self._checked_names or self.check_setup()
         self._checked_names = None
         self._runtime = prepare_runtime()
         self._hidden_args = hidden_args_library(self._runtime)
